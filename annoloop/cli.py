@@ -1,0 +1,88 @@
+"""The ``annoloop`` command line: one subcommand per admin task, each a thin layer over a module."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from config.settings import ConfigError, Settings, load_settings
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as e:
+        print(f"annoloop: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from annoloop.logs import configure_logging
+    from ml_backend.serve import serve
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    serve(settings, args.host or settings.server.host, args.port or settings.server.port)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    settings = _settings()
+    print(json.dumps(settings.model_dump(mode="json"), indent=2))  # SecretStr dumps as '**********'
+    return 0
+
+
+def cmd_starter_model(args: argparse.Namespace) -> int:
+    """Train the small generated-shapes model and publish it as the default model."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from annoloop.model_store import DEFAULT_PROJECT, ModelStore
+    from training.bootstrap import DEMO_RECIPE, cached_starter_model, starter_version
+
+    settings = _settings()
+    store = ModelStore(settings.model_dir)
+    current = store.current(DEFAULT_PROJECT)
+    recipe = dict(DEMO_RECIPE)
+    version = starter_version("detect", recipe)
+    if current is not None and current.version == version and not args.force:
+        print(f"default model {version} already published in {current.path}")
+        return 0
+    print(f"training the starter model on generated shapes ({recipe}); this takes a few minutes on a CPU...")
+    weights = cached_starter_model("detect", Path(args.cache_dir), **recipe)
+    if store.version(DEFAULT_PROJECT, version).weights.is_file():
+        mv = store.set_current(DEFAULT_PROJECT, version)
+    else:
+        mv = store.publish(DEFAULT_PROJECT, version, weights, {"source": "starter", "recipe": recipe})
+    print(f"published {mv.version} as the default model: {mv.weights}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="annoloop", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the ML backend that Label Studio connects to")
+    s.add_argument("--host", default=None, help="interface to listen on (default: server.host, 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="port (default: server.port, 9090)")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("config", help="print the effective configuration (secrets masked)")
+    c.set_defaults(func=cmd_config)
+
+    m = sub.add_parser("starter-model", help="train a small model on generated shapes and serve it by default")
+    m.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "annoloop" / "models"))
+    m.add_argument("--force", action="store_true", help="publish again even if it is already current")
+    m.set_defaults(func=cmd_starter_model)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

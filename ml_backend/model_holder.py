@@ -1,0 +1,151 @@
+"""The served model: one holder per project owns loading it and swapping it for a newer version.
+
+Requests ask the holder for the current ``LoadedModel`` and keep that reference for the whole request, so a
+swap never changes the model under a request in flight: the holder only replaces its reference once the new
+model is loaded and warmed up. Projects served the same weights share one loaded model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ultralytics import YOLO
+
+from annoloop.model_store import ModelStore, ModelVersion
+from config.settings import InferenceSettings
+from ml_backend.inference import PREDICTORS, Detections, resolve_device, to_detections
+
+log = logging.getLogger(__name__)
+
+
+class LoadedModel:
+    """A model in memory, ready to predict. Ultralytics predictors are not thread-safe: calls are serialised."""
+
+    def __init__(self, mv: ModelVersion, settings: InferenceSettings):
+        self.project = mv.project
+        self.version = mv.version
+        self.weights = mv.weights
+        self._settings = settings
+        self.device = resolve_device(settings.device)
+        started = time.perf_counter()
+        self._yolo = YOLO(str(mv.weights))
+        self.task: str = self._yolo.task
+        self.names: dict[int, str] = {int(k): str(v) for k, v in self._yolo.names.items()}
+        self._lock = threading.Lock()
+        self.predict([np.full((64, 64, 3), 114, np.uint8)])  # warm up before serving
+        self.load_seconds = time.perf_counter() - started
+
+    def predict(self, images: list[np.ndarray]) -> list[Detections]:
+        """One batched call over BGR images, down to the lower of the two confidence thresholds."""
+        if not images:
+            return []
+        s = self._settings
+        kwargs: dict[str, Any] = dict(iou=s.iou, max_det=s.max_det, device=self.device, verbose=False)
+        kwargs["conf"] = min(s.uncertainty_conf, s.prelabel_conf)
+        if s.imgsz:
+            kwargs["imgsz"] = s.imgsz
+        with self._lock:
+            results = self._yolo.predict(images, predictor=PREDICTORS.get(self.task), **kwargs)
+        return [to_detections(r) for r in results]
+
+    def describe(self) -> dict[str, Any]:
+        return {"model_version": self.version, "task": self.task, "classes": list(self.names.values()),
+                "device": self.device, "source_project": self.project}
+
+
+Loader = Callable[[ModelVersion], LoadedModel]
+
+
+class ModelHolder:
+    """Serves one project's model. ``get()`` is cheap: it re-reads the version pointer at most every
+    ``check_interval_s`` and loads a changed version in the calling thread while others keep the old one."""
+
+    def __init__(self, project: str, store: ModelStore, load: Loader, check_interval_s: float = 1.0):
+        self.project = project
+        self._store = store
+        self._load = load
+        self._interval = check_interval_s
+        self._model: LoadedModel | None = None
+        self._stamp: object = None
+        self._checked = float("-inf")
+        self._lock = threading.Lock()
+        self.error: str | None = None
+
+    def get(self) -> LoadedModel | None:
+        if time.monotonic() - self._checked >= self._interval:
+            # Block only when nothing is loaded yet; otherwise let one thread load while the rest serve.
+            if self._lock.acquire(blocking=self._model is None):
+                try:
+                    self._refresh()
+                finally:
+                    self._lock.release()
+        return self._model
+
+    def _refresh(self) -> None:
+        stamp = self._store.pointer_stamp(self.project)
+        self._checked = time.monotonic()
+        if stamp == self._stamp:
+            return
+        mv = self._store.served(self.project)
+        current = self._model
+        if mv is not None and current is not None and (current.project, current.version) == (mv.project, mv.version):
+            self._stamp = stamp
+            return
+        try:
+            self._model = self._load(mv) if mv is not None else None
+            self.error = None
+            self._stamp = stamp
+            if mv is not None:
+                log.info("model loaded", extra={"project": self.project, "model_version": mv.version,
+                                                "previous": current.version if current else None})
+        except Exception as e:  # keep serving what we had; retry on the next check
+            self.error = f"cannot load {mv.weights if mv else '?'}: {type(e).__name__}: {e}"
+            log.error("model load failed", extra={"project": self.project, "error": self.error})
+
+    def status(self) -> dict[str, Any]:
+        model = self._model
+        out: dict[str, Any] = model.describe() if model else {"model_version": None}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+class ModelRegistry:
+    """All holders of this process, created on first use; identical weights are loaded once."""
+
+    def __init__(self, store: ModelStore, settings: InferenceSettings, check_interval_s: float = 1.0):
+        self.store = store
+        self._settings = settings
+        self._interval = check_interval_s
+        self._holders: dict[str, ModelHolder] = {}
+        self._loaded: weakref.WeakValueDictionary[tuple[Path, int], LoadedModel] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+
+    def _load(self, mv: ModelVersion) -> LoadedModel:
+        key = (mv.weights.resolve(), mv.weights.stat().st_mtime_ns)
+        with self._load_lock:
+            model = self._loaded.get(key)
+            if model is None:
+                model = LoadedModel(mv, self._settings)
+                self._loaded[key] = model
+            return model
+
+    def holder(self, project: str) -> ModelHolder:
+        with self._lock:
+            holder = self._holders.get(project)
+            if holder is None:
+                holder = self._holders[project] = ModelHolder(project, self.store, self._load, self._interval)
+            return holder
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            holders = list(self._holders.values())
+        return {h.project: h.status() for h in holders}

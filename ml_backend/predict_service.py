@@ -1,0 +1,139 @@
+"""The /setup and /predict logic, free of HTTP so it can be driven and measured directly.
+
+A request is answered task by task: a task whose image is missing, unreachable or unreadable gets an empty
+result and its reason, the rest of the batch is predicted in one model call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from annoloop.images import ImageError, ImageFetcher
+from config.settings import Settings
+from ml_backend import uncertainty as unc
+from ml_backend.inference import Detections
+from ml_backend.label_config import Control, LabelConfigError, OutputSpec, parse_label_config, select_output
+from ml_backend.model_holder import LoadedModel, ModelRegistry
+from ml_backend.regions import to_results
+
+log = logging.getLogger(__name__)
+
+
+class BadRequest(ValueError):
+    """The request as a whole cannot be answered (400); the message says why."""
+
+
+@dataclass
+class TaskOutcome:
+    result: list[dict[str, Any]] = field(default_factory=list)
+    score: float | None = None
+    uncertainty: float | None = None
+    error: str | None = None
+
+
+def uncertainty_config(settings: Settings) -> unc.UncertaintyConfig:
+    u = settings.uncertainty
+    return unc.UncertaintyConfig(weights=u.weights.model_dump(), aggregation=u.aggregation, top_k=u.top_k,
+                                 empty_floor=u.empty_floor, count_half_saturation=u.count_half_saturation)
+
+
+def image_uncertainty(det: Detections, cfg: unc.UncertaintyConfig, min_conf: float) -> unc.ImageUncertainty:
+    """Uncertainty of one image from every region at or above the (low) uncertainty threshold."""
+    if det.probs is not None:
+        return unc.classification_uncertainty(det.probs, cfg)
+    keep = det.confidences >= min_conf
+    scores = det.class_scores[keep] if det.class_scores is not None else None
+    return unc.detection_uncertainty(scores, det.confidences[keep], cfg)
+
+
+def task_image_url(task: Any, control: Control) -> str:
+    if not isinstance(task, dict):
+        raise ImageError(f"task is a {type(task).__name__}, not an object")
+    data = task.get("data")
+    if not isinstance(data, dict):
+        raise ImageError("task has no 'data' object")
+    url = data.get(control.data_key)
+    if not isinstance(url, str) or not url:
+        raise ImageError(f"task data has no image field {control.data_key!r} (keys: {', '.join(data) or 'none'})")
+    return url
+
+
+class PredictService:
+    def __init__(self, settings: Settings, registry: ModelRegistry, fetcher: ImageFetcher):
+        self.settings = settings
+        self.registry = registry
+        self.fetcher = fetcher
+        self._ucfg = uncertainty_config(settings)
+
+    def model_for(self, project: str) -> LoadedModel | None:
+        return self.registry.holder(project).get()
+
+    def output_spec(self, label_config: str, model: LoadedModel) -> OutputSpec:
+        try:
+            return select_output(parse_label_config(label_config), model.task, model.names)
+        except LabelConfigError as e:
+            raise BadRequest(str(e)) from None
+
+    def setup(self, project: str, label_config: str) -> str | None:
+        """Validate the config against the served model; return its version (None when there is no model)."""
+        try:
+            controls = parse_label_config(label_config)
+        except LabelConfigError as e:
+            raise BadRequest(str(e)) from None
+        model = self.model_for(project)
+        if model is None:
+            return None
+        try:
+            select_output(controls, model.task, model.names)
+        except LabelConfigError as e:
+            raise BadRequest(str(e)) from None
+        return model.version
+
+    def predict(self, project: str, tasks: list[Any], label_config: str) -> tuple[str | None, list[TaskOutcome]]:
+        try:
+            parse_label_config(label_config)
+        except LabelConfigError as e:
+            raise BadRequest(str(e)) from None
+        model = self.model_for(project)  # one reference for the whole request, whatever swaps meanwhile
+        if model is None:
+            return None, [TaskOutcome(error="no model is loaded for this project") for _ in tasks]
+        spec = self.output_spec(label_config, model)
+        started = time.perf_counter()
+
+        outcomes = [TaskOutcome() for _ in tasks]
+        urls: dict[int, str] = {}
+        for i, task in enumerate(tasks):
+            try:
+                urls[i] = task_image_url(task, spec.control)
+            except ImageError as e:
+                outcomes[i].error = str(e)
+        fetched = self.fetcher.fetch_many(list(urls.values()))
+        images: dict[int, np.ndarray] = {}
+        for i, got in zip(urls, fetched, strict=True):
+            if isinstance(got, ImageError):
+                outcomes[i].error = str(got)
+            else:
+                images[i] = got
+        fetch_s = time.perf_counter() - started
+
+        inf = self.settings.inference
+        detections = model.predict(list(images.values()))
+        for i, det in zip(images, detections, strict=True):
+            u = image_uncertainty(det, self._ucfg, inf.uncertainty_conf)
+            outcomes[i].result = to_results(det, spec, inf.prelabel_conf)
+            outcomes[i].uncertainty = u.value
+            outcomes[i].score = unc.task_score(u.value)
+
+        failed = [(task.get("id") if isinstance(task, dict) else None, o.error)
+                  for task, o in zip(tasks, outcomes, strict=True) if o.error]
+        for task_id, reason in failed:
+            log.warning("task failed", extra={"project": project, "task": task_id, "reason": reason})
+        log.info("predict", extra={"project": project, "model_version": model.version, "tasks": len(tasks),
+                                   "failed": len(failed), "fetch_ms": round(fetch_s * 1000, 1),
+                                   "total_ms": round((time.perf_counter() - started) * 1000, 1)})
+        return model.version, outcomes
