@@ -47,7 +47,7 @@ class LabelStudioSettings(_Section):
     def _http_url(cls, v: str) -> str:
         v = v.strip().rstrip("/")
         if v and (urlparse(v).scheme not in ("http", "https") or not urlparse(v).netloc):
-            raise ValueError(f"must be an http(s) URL like http://localhost:8080")
+            raise ValueError("must be an http(s) URL like http://localhost:8080")
         return v
 
 
@@ -113,7 +113,7 @@ class Settings(_Section):
     @classmethod
     def _redis_url(cls, v: str) -> str:
         if urlparse(v).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"must be a redis:// URL")
+            raise ValueError("must be a redis:// URL")
         return v
 
     @field_validator("log_level", mode="before")

@@ -79,13 +79,13 @@ class ModelHolder:
         self.error: str | None = None
 
     def get(self) -> LoadedModel | None:
-        if time.monotonic() - self._checked >= self._interval:
-            # Block only when nothing is loaded yet; otherwise let one thread load while the rest serve.
-            if self._lock.acquire(blocking=self._model is None):
-                try:
-                    self._refresh()
-                finally:
-                    self._lock.release()
+        # Block only when nothing is loaded yet; otherwise let one thread load while the rest serve.
+        due = time.monotonic() - self._checked >= self._interval
+        if due and self._lock.acquire(blocking=self._model is None):
+            try:
+                self._refresh()
+            finally:
+                self._lock.release()
         return self._model
 
     def _refresh(self) -> None:

@@ -277,8 +277,8 @@ def detection_uncertainty(
     Per-region components least_confidence/entropy/margin are aggregated with cfg.aggregation/top_k;
     confidence_variance and detection_count are per-image. Then combine() with cfg.weights.
 
-    A single-class model (k == 1) is treated like class_scores=None: its one class score is the
-    confidence, and a one-class distribution would carry no uncertainty at all.
+    A background ("no object") column 1 - conf is appended to every region's class scores before
+    normalising, so low-confidence regions count as uncertain whatever their class ranking.
 
     Why a floor for empty images: "nothing found" at a low threshold may mean a miss, so such images
     should neither top nor bottom the queue.
@@ -302,10 +302,11 @@ def detection_uncertainty(
     if n == 0:
         return ImageUncertainty(value=float(cfg.empty_floor), components={}, n_regions=0, empty=True)
 
-    if scores is None or scores.shape[1] == 1:
-        dist = np.stack([conf, 1.0 - conf], axis=1)
-    else:
-        dist = class_distribution(scores)
+    # Each region's distribution is its class scores plus "no object" (1 - conf): sigmoid class scores
+    # normalised alone would make a weak box [0.1, 0, 0] look certain. Without class scores (end-to-end
+    # heads) or with one class this is [conf, 1 - conf].
+    classes = conf[:, None] if scores is None else scores
+    dist = class_distribution(np.column_stack([classes, 1.0 - conf]))
 
     components: dict[str, float] = {
         "least_confidence": aggregate(least_confidence(dist), cfg.aggregation, cfg.top_k),

@@ -334,30 +334,35 @@ def test_detection_no_detection_uses_configured_floor_with_class_scores():
 
 
 def test_detection_single_region_least_confidence():
-    # one region [0.6, 0.3, 0.1]: least confidence 0.4 * 1.5 = 0.6; max aggregation -> 0.6
+    # one region [0.6, 0.3, 0.1] with conf 0.6: background column 1 - 0.6 = 0.4 -> [0.6, 0.3, 0.1, 0.4] / 1.4
+    # = [0.428571, 0.214286, 0.071429, 0.285714]; k = 4: least confidence (1 - 0.428571) * 4/3 = 0.761905
     cfg = UncertaintyConfig(weights={"least_confidence": 1.0}, aggregation="max")
     out = detection_uncertainty(np.array([[0.6, 0.3, 0.1]]), np.array([0.6]), cfg)
-    assert out.value == pytest.approx(0.6, **APPROX)
+    assert out.value == pytest.approx(0.761905, abs=1e-6)
     assert out.n_regions == 1 and out.empty is False
     assert type(out.value) is float
 
 
 def test_detection_two_regions_all_components():
-    # region A scores [0.8, 0.0] -> dist [1, 0]; region B [0.4, 0.4] -> [0.5, 0.5]
-    # least_confidence per region [0, 1]; topk_sum k=3: (1 + 0) / 3 = 0.333333; same for entropy, margin
+    # with the background column 1 - conf (k = 3):
+    # region A [0.8, 0.0, 0.2] -> p = [0.8, 0, 0.2]; region B [0.4, 0.4, 0.6] / 1.4 -> [0.285714, 0.285714, 0.428571]
+    # least confidence: A (1 - 0.8) * 1.5 = 0.3, B (1 - 0.428571) * 1.5 = 0.857143; topk_sum/3 = 0.385714
+    # entropy / ln 3: A (0.178515 + 0.321888) / 1.098612 = 0.455486; B 1.078993 / 1.098612 = 0.982142;
+    #   topk_sum/3 = 0.479209
+    # margin: A 1 - (0.8 - 0.2) = 0.4, B 1 - (0.428571 - 0.285714) = 0.857143; topk_sum/3 = 0.419048
     # confidences [0.8, 0.4]: mean 0.6, var (0.04 + 0.04) / 2 = 0.04, * 4 = 0.16
     # detection_count 2 / (2 + 5) = 0.285714
-    # combine least_confidence (w 1) + confidence_variance (w 1): (0.333333 + 0.16) / 2 = 0.246667
+    # combine least_confidence (w 1) + confidence_variance (w 1): (0.385714 + 0.16) / 2 = 0.272857
     cfg = UncertaintyConfig(
         weights={"least_confidence": 1.0, "confidence_variance": 1.0}, aggregation="topk_sum", top_k=3
     )
     out = detection_uncertainty(np.array([[0.8, 0.0], [0.4, 0.4]]), np.array([0.8, 0.4]), cfg)
-    assert out.components["least_confidence"] == pytest.approx(0.3333333, abs=1e-6)
-    assert out.components["entropy"] == pytest.approx(0.3333333, abs=1e-6)
-    assert out.components["margin"] == pytest.approx(0.3333333, abs=1e-6)
+    assert out.components["least_confidence"] == pytest.approx(0.385714, abs=1e-6)
+    assert out.components["entropy"] == pytest.approx(0.479209, abs=1e-6)
+    assert out.components["margin"] == pytest.approx(0.419048, abs=1e-6)
     assert out.components["confidence_variance"] == pytest.approx(0.16, **APPROX)
     assert out.components["detection_count"] == pytest.approx(0.2857143, abs=1e-6)
-    assert out.value == pytest.approx(0.2466667, abs=1e-6)
+    assert out.value == pytest.approx(0.272857, abs=1e-6)
     assert out.n_regions == 2
     assert all(type(v) is float for v in out.components.values())
 
@@ -382,25 +387,40 @@ def test_detection_single_class_model_falls_back_to_confidence():
 
 def test_detection_confident_image_scores_lower_than_ambiguous():
     cfg = UncertaintyConfig(weights={"least_confidence": 1.0, "entropy": 1.0, "margin": 1.0})
-    # confident: one-hot-ish rows -> every per-region measure ~0
+    # confident: one-hot-ish rows with high confidence -> every per-region measure small
     confident = detection_uncertainty(
         np.array([[0.95, 0.01, 0.0], [0.0, 0.9, 0.02]]), np.array([0.95, 0.9]), cfg
     )
     # ambiguous: near-tied rows -> per-region measures near 1
     ambiguous = detection_uncertainty(np.array([[0.4, 0.4, 0.1], [0.3, 0.3, 0.3]]), np.array([0.4, 0.3]), cfg)
-    assert confident.value < 0.05
+    assert confident.value < 0.15
     assert ambiguous.value > 0.5
     assert confident.value < ambiguous.value
 
 
 def test_detection_accepts_float32():
-    # same as the single-region case above, in float32: 0.6 (float32 rounding -> loose tolerance)
+    # same as the single-region case above, in float32: 0.761905 (float32 rounding -> loose tolerance)
     cfg = UncertaintyConfig(weights={"least_confidence": 1.0}, aggregation="max")
     out = detection_uncertainty(
         np.array([[0.6, 0.3, 0.1]], dtype=np.float32), np.array([0.6], dtype=np.float32), cfg
     )
-    assert out.value == pytest.approx(0.6, abs=1e-6)
+    assert out.value == pytest.approx(0.761905, abs=1e-6)
     assert type(out.value) is float
+
+
+def test_detection_half_confident_box_is_the_uncertain_one():
+    # one class score per box, 3 classes: [c, 0, 0] + background 1 - c
+    # c = 0.5: [0.5, 0, 0, 0.5] -> least confidence (1 - 0.5) * 4/3 = 0.666667 (object or not: a coin toss)
+    # c = 0.95: [0.95, 0, 0, 0.05] -> (1 - 0.95) * 4/3 = 0.066667
+    # c = 0.1: [0.1, 0, 0, 0.9] -> (1 - 0.9) * 4/3 = 0.133333 (confidently background)
+    cfg = UncertaintyConfig(weights={"least_confidence": 1.0}, aggregation="max")
+
+    def lc(c: float) -> float:
+        return detection_uncertainty(np.array([[c, 0.0, 0.0]]), np.array([c]), cfg).value
+
+    assert lc(0.5) == pytest.approx(0.666667, abs=1e-6)
+    assert lc(0.95) == pytest.approx(0.066667, abs=1e-6)
+    assert lc(0.1) == pytest.approx(0.133333, abs=1e-6)
 
 
 def test_detection_shape_mismatch_raises():
