@@ -37,25 +37,26 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_starter_model(args: argparse.Namespace) -> int:
-    """Train the small generated-shapes model and publish it as the default model."""
+    """Train the small generated-shapes model (cached) and publish it as the default model."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from annoloop.model_store import DEFAULT_PROJECT, ModelStore
-    from training.bootstrap import DEMO_RECIPE, cached_starter_model, starter_version
+    from training.bootstrap import DEMO_RECIPE, cached_starter_model
 
     settings = _settings()
     store = ModelStore(settings.model_dir)
-    current = store.current(DEFAULT_PROJECT)
     recipe = dict(DEMO_RECIPE)
-    version = starter_version("detect", recipe)
-    if current is not None and current.version == version and not args.force:
-        print(f"default model {version} already published in {current.path}")
+    task = recipe.pop("task", "detect")
+    print(f"starter model: {task} on generated shapes {recipe} (trained once, then cached in {args.cache_dir})")
+    weights = cached_starter_model(task, Path(args.cache_dir), **recipe)
+    version = "starter-" + weights.stem.rsplit("-", 1)[-1][:8]
+    current = store.current(DEFAULT_PROJECT)
+    if current is not None and current.version == version:
+        print(f"default model {version} is already served from {current.path}")
         return 0
-    print(f"training the starter model on generated shapes ({recipe}); this takes a few minutes on a CPU...")
-    weights = cached_starter_model("detect", Path(args.cache_dir), **recipe)
     if store.version(DEFAULT_PROJECT, version).weights.is_file():
         mv = store.set_current(DEFAULT_PROJECT, version)
     else:
-        mv = store.publish(DEFAULT_PROJECT, version, weights, {"source": "starter", "recipe": recipe})
+        mv = store.publish(DEFAULT_PROJECT, version, weights, {"source": "starter", "task": task, "recipe": recipe})
     print(f"published {mv.version} as the default model: {mv.weights}")
     return 0
 
@@ -74,7 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("starter-model", help="train a small model on generated shapes and serve it by default")
     m.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "annoloop" / "models"))
-    m.add_argument("--force", action="store_true", help="publish again even if it is already current")
     m.set_defaults(func=cmd_starter_model)
     return p
 

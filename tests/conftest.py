@@ -1,0 +1,208 @@
+"""Shared fixtures: real redis-server, real HTTP servers, real tiny YOLO models (trained once, cached)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+import contextlib
+import http.server
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from annoloop.model_store import DEFAULT_PROJECT, ModelStore
+from training.bootstrap import TEST_RECIPES, cached_starter_model
+from training.synthetic import Shape, render_scene
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+# Outside the checkout so a clean checkout (CI) still finds the models trained by earlier runs.
+MODEL_CACHE = Path(os.environ.get("ANNOLOOP_TEST_CACHE", Path.home() / ".cache" / "annoloop" / "test-models"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(
+    url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            break
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(url, timeout=1).status_code < 500:
+                return
+        time.sleep(0.2)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise RuntimeError(f"{url} did not come up within {timeout:.0f}s\n{tail}")
+
+
+# --- Redis -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """A real redis-server of our own on a free port, so tests never touch another instance's data."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed (apt install redis-server)")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    import redis
+
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        with contextlib.suppress(redis.ConnectionError):
+            if client.ping():
+                break
+        time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+# --- Models ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def starter_weights() -> Callable[[str], Path]:
+    """Weights of a tiny model trained from the ultralytics YAML on generated shapes, per task."""
+
+    def get(task: str) -> Path:
+        return cached_starter_model(task, MODEL_CACHE, **TEST_RECIPES[task])
+
+    return get
+
+
+def publish(model_dir: Path, weights: Path, version: str, project: str = DEFAULT_PROJECT) -> None:
+    store = ModelStore(model_dir)
+    if store.version(project, version).path.exists():
+        store.set_current(project, version)
+    else:
+        store.publish(project, version, weights, {"source": "test"})
+
+
+# --- Images ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scene:
+    name: str
+    width: int
+    height: int
+    shapes: list[Shape]
+
+
+@dataclass
+class ImageServer:
+    """A plain HTTP file server that records the headers of every request it gets."""
+
+    url: str
+    root: Path
+    seen: list[dict[str, str]] = field(default_factory=list)
+
+    def write_scenes(self, n: int, seed: int, size: tuple[int, int] = (320, 240)) -> list[Scene]:
+        rng = np.random.default_rng(seed)
+        scenes = []
+        for i in range(n):
+            rgb, shapes = render_scene(rng, size[0], size[1], max_shapes=3)
+            name = f"scene-{seed}-{i}.png"
+            Image.fromarray(rgb).save(self.root / name)
+            scenes.append(Scene(name, size[0], size[1], shapes))
+        return scenes
+
+
+@pytest.fixture(scope="session")
+def image_server(tmp_path_factory) -> Iterator[ImageServer]:
+    root = tmp_path_factory.mktemp("images")
+    server_ref: list[ImageServer] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(root), **kw)
+
+        def do_GET(self):
+            server_ref[0].seen.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv = ImageServer(f"http://127.0.0.1:{httpd.server_address[1]}", root)
+    server_ref.append(srv)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield srv
+    httpd.shutdown()
+
+
+# --- The backend as users run it: `annoloop serve` in its own process ----------------------------------
+
+
+@dataclass
+class Backend:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start_backend(workdir: Path, env: dict[str, str], port: int | None = None) -> Backend:
+    port = port or free_port()
+    log = workdir / f"backend-{port}.log"
+    full_env = {k: v for k, v in os.environ.items() if k not in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS")}
+    full_env.update(env)
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "annoloop"), "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=full_env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", 90, proc, log)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return Backend(url, proc, log)
