@@ -46,7 +46,9 @@ def cmd_starter_model(args: argparse.Namespace) -> int:
     store = ModelStore(settings.model_dir)
     recipe = dict(DEMO_RECIPE)
     task = recipe.pop("task", "detect")
-    print(f"starter model: {task} on generated shapes {recipe} (trained once, then cached in {args.cache_dir})")
+    print(
+        f"starter model: {task} on generated shapes {recipe} (trained once, then cached in {args.cache_dir})"
+    )
     weights = cached_starter_model(task, Path(args.cache_dir), **recipe)
     version = "starter-" + weights.stem.rsplit("-", 1)[-1][:8]
     current = store.current(DEFAULT_PROJECT)
@@ -56,7 +58,9 @@ def cmd_starter_model(args: argparse.Namespace) -> int:
     if store.version(DEFAULT_PROJECT, version).weights.is_file():
         mv = store.set_current(DEFAULT_PROJECT, version)
     else:
-        mv = store.publish(DEFAULT_PROJECT, version, weights, {"source": "starter", "task": task, "recipe": recipe})
+        mv = store.publish(
+            DEFAULT_PROJECT, version, weights, {"source": "starter", "task": task, "recipe": recipe}
+        )
     print(f"published {mv.version} as the default model: {mv.weights}")
     return 0
 
@@ -73,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the effective configuration (secrets masked)")
     c.set_defaults(func=cmd_config)
 
-    m = sub.add_parser("starter-model", help="train a small model on generated shapes and serve it by default")
+    m = sub.add_parser(
+        "starter-model", help="train a small model on generated shapes and serve it by default"
+    )
     m.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "annoloop" / "models"))
     m.set_defaults(func=cmd_starter_model)
     return p

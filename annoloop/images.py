@@ -90,7 +90,9 @@ class ImageFetcher:
         target, headers = self.resolve(url)
         limit = self.settings.max_bytes
         try:
-            with self._session.get(target, headers=headers, timeout=self.settings.timeout_s, stream=True) as r:
+            with self._session.get(
+                target, headers=headers, timeout=self.settings.timeout_s, stream=True
+            ) as r:
                 if r.status_code != 200:
                     hint = " (check LABEL_STUDIO_API_KEY)" if r.status_code in (401, 403) and headers else ""
                     raise ImageError(f"GET {_short(url)} answered HTTP {r.status_code}{hint}")

@@ -49,7 +49,9 @@ class LabelStudioAccess:
         with self._lock:
             if self._client is None:
                 try:
-                    self._client = LabelStudio(base_url=self.url, api_key=self._api_key, timeout=self._timeout_s)
+                    self._client = LabelStudio(
+                        base_url=self.url, api_key=self._api_key, timeout=self._timeout_s
+                    )
                 except ApiError as e:
                     detail = e.body.get("detail") if isinstance(e.body, dict) else e.body
                     raise LabelStudioNotConfigured(f"LABEL_STUDIO_API_KEY is not usable: {detail}") from None

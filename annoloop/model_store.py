@@ -71,8 +71,9 @@ class ModelStore:
         return self.root / _check_name("project", project) / POINTER_NAME
 
     def version(self, project: str, version: str) -> ModelVersion:
-        return ModelVersion(project, version, self.root / _check_name("project", project) / _check_name(
-            "version", version))
+        return ModelVersion(
+            project, version, self.root / _check_name("project", project) / _check_name("version", version)
+        )
 
     def current(self, project: str) -> ModelVersion | None:
         """The version the project's pointer names, if its weights exist."""
@@ -87,7 +88,9 @@ class ModelStore:
 
     def served(self, project: str) -> ModelVersion | None:
         """What a project is served: its own current version, else the default one."""
-        return self.current(project) or (self.current(DEFAULT_PROJECT) if project != DEFAULT_PROJECT else None)
+        return self.current(project) or (
+            self.current(DEFAULT_PROJECT) if project != DEFAULT_PROJECT else None
+        )
 
     def pointer_stamp(self, project: str) -> tuple[int, int] | None:
         """A cheap change marker (inode, mtime) of the project's and the default pointer, for polling."""
@@ -100,11 +103,21 @@ class ModelStore:
                 stamps.append((0, 0))
         return tuple(stamps)  # type: ignore[return-value]
 
+    def projects(self) -> list[str]:
+        """Projects that have a version pointer (the default one included)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if _SAFE_NAME.match(p.name) and (p / POINTER_NAME).is_file()
+        )
+
     def versions(self, project: str) -> list[ModelVersion]:
         folder = self.root / _check_name("project", project)
         if not folder.is_dir():
             return []
-        found = [self.version(project, p.name) for p in folder.iterdir() if p.is_dir() and _SAFE_NAME.match(p.name)]
+        found = [
+            self.version(project, p.name) for p in folder.iterdir() if p.is_dir() and _SAFE_NAME.match(p.name)
+        ]
         return sorted((v for v in found if v.weights.is_file()), key=lambda v: v.weights.stat().st_mtime)
 
     def set_current(self, project: str, version: str) -> ModelVersion:

@@ -40,6 +40,9 @@ class Backend:
         fetcher = ImageFetcher(LabelStudioAccess(settings.label_studio), settings.images)
         # Short timeouts: /health has 1 s in Label Studio, and Redis must never stall a prediction.
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=0.3, socket_connect_timeout=0.3)
+        # Load what is already published before the first request: Label Studio gives /setup only 3 s.
+        for project in [DEFAULT_PROJECT, *store.projects()]:
+            registry.holder(project).get()
         return cls(settings, PredictService(settings, registry, fetcher), client)
 
     def redis_ok(self) -> bool:
@@ -74,6 +77,8 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
 
     @app.errorhandler(BadRequest)
     def _bad_request(e: BadRequest):
+        # Label Studio shows only "400 Client Error" for /setup: the reason must be in our log too.
+        log.warning("bad request", extra={"path": request.path, "reason": str(e)})
         return jsonify(error=str(e)), 400
 
     @app.errorhandler(HTTPException)
@@ -121,6 +126,10 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
         project = project_key(req.project if req.project else first.get("project"))
         started = time.perf_counter()
         version, outcomes = service.predict(project, req.tasks, req.label_config)
+        if version is None:
+            # No model: answer no predictions at all. Label Studio stores nothing for an empty list and asks
+            # again later, instead of storing empty predictions under a placeholder version.
+            return jsonify(results=[], model_version=None, error="no model is loaded for this project")
         results = []
         for o in outcomes:
             item: dict[str, Any] = {"result": o.result, "score": o.score, "model_version": version}

@@ -53,7 +53,9 @@ class _ClassScores:
         end2end = raw.shape[-1] == 6 or getattr(self.model, "end2end", False)
         for r, head, idx in zip(results, raw, idxs, strict=True):
             # head: (4 + nc + extra, candidates); idx: kept candidate indices.
-            r.class_scores = None if end2end else head[4 : 4 + nc, idx.long().view(-1)].T.float().cpu().numpy()
+            r.class_scores = (
+                None if end2end else head[4 : 4 + nc, idx.long().view(-1)].T.float().cpu().numpy()
+            )
         return results
 
 
@@ -77,8 +79,15 @@ def to_detections(r: Results) -> Detections:
     h, w = r.orig_shape
     if r.probs is not None:
         empty = np.zeros((0,), dtype=np.float32)
-        return Detections(w, h, np.zeros((0, 4), np.float32), empty, empty.astype(int), None,
-                          probs=r.probs.data.float().cpu().numpy())
+        return Detections(
+            w,
+            h,
+            np.zeros((0, 4), np.float32),
+            empty,
+            empty.astype(int),
+            None,
+            probs=r.probs.data.float().cpu().numpy(),
+        )
     boxes = r.boxes
     polygons = [np.asarray(p, dtype=np.float32) for p in r.masks.xy] if r.masks is not None else None
     return Detections(

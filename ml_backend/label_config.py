@@ -12,7 +12,11 @@ from functools import lru_cache
 from label_studio_sdk.label_interface import LabelInterface
 
 # Control tag -> the model task whose output fills it, in order of preference per task.
-CONTROL_TASKS: dict[str, str] = {"RectangleLabels": "detect", "PolygonLabels": "segment", "Choices": "classify"}
+CONTROL_TASKS: dict[str, str] = {
+    "RectangleLabels": "detect",
+    "PolygonLabels": "segment",
+    "Choices": "classify",
+}
 # Which controls each model task can fill (a segmentation model also gives boxes).
 TASK_CONTROLS: dict[str, tuple[str, ...]] = {
     "detect": ("RectangleLabels",),
@@ -70,8 +74,9 @@ def parse_label_config(xml: str) -> tuple[Control, ...]:
                 names = tag.attr.get("predicted_values")
                 if names:
                     pv.append((label, tuple(n.strip() for n in names.split(",") if n.strip())))
-            controls.append(Control(control.name, obj.name, control.tag, obj.value_name,
-                                    tuple(control.labels), tuple(pv)))
+            controls.append(
+                Control(control.name, obj.name, control.tag, obj.value_name, tuple(control.labels), tuple(pv))
+            )
     if not controls:
         found = sorted({c.tag for c in interface.controls}) or ["none"]
         raise LabelConfigError(
@@ -104,7 +109,9 @@ def select_output(controls: tuple[Control, ...], task: str, model_names: dict[in
     if not usable:
         wanted = " or ".join(TASK_CONTROLS.get(task, ("?",)))
         have = ", ".join(sorted({c.tag for c in controls}))
-        raise LabelConfigError(f"the served model is a {task} model and needs {wanted} in the config (found: {have})")
+        raise LabelConfigError(
+            f"the served model is a {task} model and needs {wanted} in the config (found: {have})"
+        )
     best = max(usable, key=lambda c: len(map_classes(c, model_names)))
     mapping = map_classes(best, model_names)
     if not mapping:

@@ -56,8 +56,13 @@ class LoadedModel:
         return [to_detections(r) for r in results]
 
     def describe(self) -> dict[str, Any]:
-        return {"model_version": self.version, "task": self.task, "classes": list(self.names.values()),
-                "device": self.device, "source_project": self.project}
+        return {
+            "model_version": self.version,
+            "task": self.task,
+            "classes": list(self.names.values()),
+            "device": self.device,
+            "source_project": self.project,
+        }
 
 
 Loader = Callable[[ModelVersion], LoadedModel]
@@ -95,7 +100,11 @@ class ModelHolder:
             return
         mv = self._store.served(self.project)
         current = self._model
-        if mv is not None and current is not None and (current.project, current.version) == (mv.project, mv.version):
+        if (
+            mv is not None
+            and current is not None
+            and (current.project, current.version) == (mv.project, mv.version)
+        ):
             self._stamp = stamp
             return
         try:
@@ -103,8 +112,14 @@ class ModelHolder:
             self.error = None
             self._stamp = stamp
             if mv is not None:
-                log.info("model loaded", extra={"project": self.project, "model_version": mv.version,
-                                                "previous": current.version if current else None})
+                log.info(
+                    "model loaded",
+                    extra={
+                        "project": self.project,
+                        "model_version": mv.version,
+                        "previous": current.version if current else None,
+                    },
+                )
         except Exception as e:  # keep serving what we had; retry on the next check
             self.error = f"cannot load {mv.weights if mv else '?'}: {type(e).__name__}: {e}"
             log.error("model load failed", extra={"project": self.project, "error": self.error})
@@ -125,7 +140,9 @@ class ModelRegistry:
         self._settings = settings
         self._interval = check_interval_s
         self._holders: dict[str, ModelHolder] = {}
-        self._loaded: weakref.WeakValueDictionary[tuple[Path, int], LoadedModel] = weakref.WeakValueDictionary()
+        self._loaded: weakref.WeakValueDictionary[tuple[Path, int], LoadedModel] = (
+            weakref.WeakValueDictionary()
+        )
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
 

@@ -38,8 +38,13 @@ class TaskOutcome:
 
 def uncertainty_config(settings: Settings) -> unc.UncertaintyConfig:
     u = settings.uncertainty
-    return unc.UncertaintyConfig(weights=u.weights.model_dump(), aggregation=u.aggregation, top_k=u.top_k,
-                                 empty_floor=u.empty_floor, count_half_saturation=u.count_half_saturation)
+    return unc.UncertaintyConfig(
+        weights=u.weights.model_dump(),
+        aggregation=u.aggregation,
+        top_k=u.top_k,
+        empty_floor=u.empty_floor,
+        count_half_saturation=u.count_half_saturation,
+    )
 
 
 def image_uncertainty(det: Detections, cfg: unc.UncertaintyConfig, min_conf: float) -> unc.ImageUncertainty:
@@ -59,7 +64,9 @@ def task_image_url(task: Any, control: Control) -> str:
         raise ImageError("task has no 'data' object")
     url = data.get(control.data_key)
     if not isinstance(url, str) or not url:
-        raise ImageError(f"task data has no image field {control.data_key!r} (keys: {', '.join(data) or 'none'})")
+        raise ImageError(
+            f"task data has no image field {control.data_key!r} (keys: {', '.join(data) or 'none'})"
+        )
     return url
 
 
@@ -94,7 +101,9 @@ class PredictService:
             raise BadRequest(str(e)) from None
         return model.version
 
-    def predict(self, project: str, tasks: list[Any], label_config: str) -> tuple[str | None, list[TaskOutcome]]:
+    def predict(
+        self, project: str, tasks: list[Any], label_config: str
+    ) -> tuple[str | None, list[TaskOutcome]]:
         try:
             parse_label_config(label_config)
         except LabelConfigError as e:
@@ -129,11 +138,22 @@ class PredictService:
             outcomes[i].uncertainty = u.value
             outcomes[i].score = unc.task_score(u.value)
 
-        failed = [(task.get("id") if isinstance(task, dict) else None, o.error)
-                  for task, o in zip(tasks, outcomes, strict=True) if o.error]
+        failed = [
+            (task.get("id") if isinstance(task, dict) else None, o.error)
+            for task, o in zip(tasks, outcomes, strict=True)
+            if o.error
+        ]
         for task_id, reason in failed:
             log.warning("task failed", extra={"project": project, "task": task_id, "reason": reason})
-        log.info("predict", extra={"project": project, "model_version": model.version, "tasks": len(tasks),
-                                   "failed": len(failed), "fetch_ms": round(fetch_s * 1000, 1),
-                                   "total_ms": round((time.perf_counter() - started) * 1000, 1)})
+        log.info(
+            "predict",
+            extra={
+                "project": project,
+                "model_version": model.version,
+                "tasks": len(tasks),
+                "failed": len(failed),
+                "fetch_ms": round(fetch_s * 1000, 1),
+                "total_ms": round((time.perf_counter() - started) * 1000, 1),
+            },
+        )
         return model.version, outcomes

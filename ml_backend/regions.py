@@ -15,7 +15,9 @@ def _pct(v: float, size: int) -> float:
     return float(np.clip(v / size * 100.0, 0.0, 100.0))
 
 
-def _region(spec: OutputSpec, det: Detections, kind: str, value: dict[str, Any], score: float) -> dict[str, Any]:
+def _region(
+    spec: OutputSpec, det: Detections, kind: str, value: dict[str, Any], score: float
+) -> dict[str, Any]:
     c = spec.control
     return {
         "id": uuid.uuid4().hex[:10],
@@ -51,7 +53,9 @@ def to_results(det: Detections, spec: OutputSpec, min_conf: float) -> list[dict[
             if len(pts) < 3:
                 continue
             points = [[_pct(x, det.width), _pct(y, det.height)] for x, y in pts]
-            out.append(_region(spec, det, "polygonlabels", {"points": points, "polygonlabels": [labels[cls]]}, conf))
+            out.append(
+                _region(spec, det, "polygonlabels", {"points": points, "polygonlabels": [labels[cls]]}, conf)
+            )
         else:
             x0, y0, x1, y1 = (float(v) for v in det.boxes[i])
             x, y = _pct(x0, det.width), _pct(y0, det.height)

@@ -14,10 +14,24 @@ log = logging.getLogger(__name__)
 
 def serve(settings: Settings, host: str, port: int) -> None:
     app = create_app(settings)
-    log.info("serving", extra={"host": host, "port": port, "threads": settings.server.threads,
-                               "model_dir": str(settings.model_dir),
-                               "label_studio_url": settings.label_studio.url or None,
-                               "basic_auth": settings.basic_auth.enabled})
+    log.info(
+        "serving",
+        extra={
+            "host": host,
+            "port": port,
+            "threads": settings.server.threads,
+            "model_dir": str(settings.model_dir),
+            "label_studio_url": settings.label_studio.url or None,
+            "basic_auth": settings.basic_auth.enabled,
+        },
+    )
     # channel_timeout above Label Studio's 100 s predict timeout; large bodies are rejected by waitress itself.
-    waitress.serve(app, host=host, port=port, threads=settings.server.threads, ident="annoloop",
-                   channel_timeout=120, max_request_body_size=64 * 1024 * 1024)
+    waitress.serve(
+        app,
+        host=host,
+        port=port,
+        threads=settings.server.threads,
+        ident="annoloop",
+        channel_timeout=120,
+        max_request_body_size=64 * 1024 * 1024,
+    )

@@ -206,3 +206,23 @@ def start_backend(workdir: Path, env: dict[str, str], port: int | None = None) -
         proc.kill()
         raise
     return Backend(url, proc, log)
+
+
+# --- Label Studio 1.23.2, real, in its own virtual environment ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """One real Label Studio per session. Migrations take about a minute; the migrated empty database is
+    cached next to the test models so later sessions start in seconds."""
+    from tests.labelstudio_server import label_studio_version, start_label_studio
+
+    venv = REPO / ".ls-venv"
+    template = None
+    if venv.exists():
+        template = (
+            MODEL_CACHE.parent / "labelstudio" / f"label-studio-{label_studio_version(venv)}-migrated.sqlite3"
+        )
+        template.parent.mkdir(parents=True, exist_ok=True)
+    with start_label_studio(venv, tmp_path_factory.mktemp("labelstudio"), db_template=template) as server:
+        yield server

@@ -1,0 +1,162 @@
+"""End to end with a real Label Studio 1.23.2: it calls the backend and stores the predictions.
+
+Every assertion reads Label Studio's own API: what it stored is what annotators see.
+"""
+
+from __future__ import annotations
+
+import shutil
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import REPO, publish, start_backend
+from training.synthetic import render_scene
+
+pytestmark = pytest.mark.labelstudio
+
+SHAPES_CONFIG = """<View><Image name="image" value="$image"/>
+<RectangleLabels name="label" toName="image">
+  <Label value="Circle"/><Label value="Square"/><Label value="Triangle"/>
+</RectangleLabels></View>"""
+BCCD = REPO.parent / "shared" / "datasets" / "bccd" / "BCCD"
+LABELS = ("Circle", "Square", "Triangle")
+
+
+def iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
+    return ix * iy / union if union > 0 else 0.0
+
+
+def personal_access_token(ls) -> str:
+    """A JWT personal access token, the kind Label Studio 1.23 recommends over legacy tokens."""
+    ls.api("POST", "/api/jwt/settings", json={"api_tokens_enabled": True, "legacy_api_tokens_enabled": True})
+    token = ls.api("POST", "/api/token/", expected=(201,)).json()["token"]
+    assert token.count(".") == 2  # a JWT, not a legacy key
+    return token
+
+
+@pytest.fixture(scope="module")
+def backend_for_ls(label_studio, tmp_path_factory, starter_weights, redis_url):
+    work = tmp_path_factory.mktemp("ls-backend")
+    model_dir = work / "models"
+    publish(model_dir, starter_weights("detect"), "shapes-v1")
+    b = start_backend(
+        work,
+        {
+            "MODEL_DIR": str(model_dir),
+            "REDIS_URL": redis_url,
+            "LABEL_STUDIO_URL": label_studio.url,
+            "LABEL_STUDIO_API_KEY": personal_access_token(label_studio),
+        },
+    )
+    yield b
+    b.stop()
+
+
+def test_label_studio_stores_prelabels_from_the_backend(label_studio, backend_for_ls):
+    ls = label_studio
+    rng = np.random.default_rng(2024)
+    folder = ls.files_root / "shapes"
+    folder.mkdir(parents=True, exist_ok=True)
+    truth = {}
+    for i in range(6):
+        rgb, shapes = render_scene(rng, 320, 240, max_shapes=3)
+        Image.fromarray(rgb).save(folder / f"s{i}.png")
+        truth[f"s{i}.png"] = shapes
+    project = ls.create_project("annoloop shapes", SHAPES_CONFIG)
+    ls.add_local_storage(project, "shapes")
+    ids = ls.import_tasks(project, [{"image": ls.local_file_url(f"shapes/{name}")} for name in truth])
+    # One more image through Label Studio's own upload (a /data/upload/... URL).
+    rgb, upload_shapes = render_scene(rng, 320, 240, max_shapes=3)
+    upload_path = folder.parent / "upload.png"
+    Image.fromarray(rgb).save(upload_path)
+    upload_ids, _ = ls.upload_file(project, upload_path)
+    names = {tid: name for tid, name in zip(ids, truth, strict=True)}
+    truth["upload"] = upload_shapes
+    names[upload_ids[0]] = "upload"
+
+    ls.connect_ml_backend(project, backend_for_ls.url, title="annoloop")
+    ls.request_predictions(project)
+
+    matched = total = 0
+    for task_id, name in names.items():
+        preds = ls.predictions(task_id)
+        assert len(preds) == 1, f"task {task_id}: {preds}"
+        pred = preds[0]
+        assert pred["model_version"] == "shapes-v1"
+        assert 0.0 <= pred["score"] <= 1.0
+        for region in pred["result"]:
+            assert region["type"] == "rectanglelabels" and region["score"] >= 0.25
+            assert region["value"]["rectanglelabels"][0] in LABELS
+        for shape in truth[name]:
+            total += 1
+            boxes = [
+                (
+                    r["value"]["x"] * 3.2,
+                    r["value"]["y"] * 2.4,
+                    (r["value"]["x"] + r["value"]["width"]) * 3.2,
+                    (r["value"]["y"] + r["value"]["height"]) * 2.4,
+                )
+                for r in pred["result"]
+                if r["value"]["rectanglelabels"] == [LABELS[shape.cls]]
+            ]
+            matched += max((iou(b, shape.box) for b in boxes), default=0) >= 0.5
+    assert matched / total >= 0.7, f"{matched}/{total} shapes matched"
+    # The queue needs distinct scores to order anything.
+    scores = {ls.predictions(t)[0]["score"] for t in names}
+    assert len(scores) > 1
+    backend = ls.ml_backends(project)[0]
+    assert backend["model_version"] == "shapes-v1"
+
+
+def test_bccd_images_through_the_same_path(label_studio, backend_for_ls):
+    """Real photos (BCCD, 640x480 JPEG) served by Label Studio, labels mapped with predicted_values."""
+    ls = label_studio
+    folder = ls.files_root / "bccd"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in (BCCD / "JPEGImages").glob("*.jpg"))[:8]
+    assert names, f"BCCD not found at {BCCD}"
+    for name in names:  # into Label Studio's temporary files root, not the repository
+        shutil.copy(BCCD / "JPEGImages" / name, folder / name)
+    config = """<View><Image name="image" value="$image"/><RectangleLabels name="cells" toName="image">
+      <Label value="RBC" predicted_values="circle"/><Label value="WBC" predicted_values="square"/>
+      <Label value="Platelets" predicted_values="triangle"/></RectangleLabels></View>"""
+    project = ls.create_project("annoloop bccd", config)
+    ls.add_local_storage(project, "bccd")
+    ids = ls.import_tasks(project, [{"image": ls.local_file_url(f"bccd/{n}")} for n in names])
+    ls.connect_ml_backend(project, backend_for_ls.url, title="annoloop")
+    ls.request_predictions(project)
+    for task_id, name in zip(ids, names, strict=True):
+        (pred,) = ls.predictions(task_id)
+        assert pred["model_version"] == "shapes-v1"
+        assert 0.0 <= pred["score"] <= 1.0
+        size = ET.parse(BCCD / "Annotations" / name.replace(".jpg", ".xml")).find("size")
+        for region in pred["result"]:
+            assert (region["original_width"], region["original_height"]) == (
+                int(size.find("width").text),
+                int(size.find("height").text),
+            )
+            assert region["value"]["rectanglelabels"][0] in ("RBC", "WBC", "Platelets")
+            assert region["from_name"] == "cells"
+
+
+def test_backend_rejects_a_config_it_cannot_fill(label_studio, backend_for_ls):
+    ls = label_studio
+    config = '<View><Image name="image" value="$image"/><RectangleLabels name="l" toName="image"><Label value="Cat"/></RectangleLabels></View>'
+    project = ls.create_project("annoloop cats", config)
+    r = requests.post(
+        f"{ls.url}/api/ml",
+        headers={"Authorization": f"Token {ls.token}"},
+        timeout=30,
+        json={"url": backend_for_ls.url, "project": project, "title": "annoloop", "auth_method": "NONE"},
+    )
+    assert r.status_code == 400
+    # Label Studio refuses the connection, but shows only "400 ... /setup"; the reason is in our log.
+    assert r.status_code == 400 and "/setup" in r.text
+    assert "maps to a model class" in backend_for_ls.log.read_text()
