@@ -165,7 +165,9 @@ def _describe(error: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def load_settings(env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+def load_settings(
+    env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
     """Build the settings from the three layers; raise ConfigError naming each bad setting."""
     env = os.environ if env is None else env
     data = _read_yaml(DEFAULT_CONFIG)
