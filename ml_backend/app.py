@@ -143,6 +143,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
     @app.post("/webhook")
     def webhook():
         event = _validate(WebhookEvent, _json_body())
+        log.info("webhook", extra={"action": event.action})
         return jsonify(status="ignored", action=event.action)
 
     return app

@@ -160,3 +160,58 @@ def test_backend_rejects_a_config_it_cannot_fill(label_studio, backend_for_ls):
     # Label Studio refuses the connection, but shows only "400 ... /setup"; the reason is in our log.
     assert r.status_code == 400 and "/setup" in r.text
     assert "maps to a model class" in backend_for_ls.log.read_text()
+
+
+def test_basic_auth_backend_and_its_webhook(label_studio, tmp_path, starter_weights, redis_url):
+    """Label Studio sends basic auth on /health, /setup, /predict, but its webhook needs the header set."""
+    import base64
+    import json
+    import time
+
+    ls = label_studio
+    model_dir = tmp_path / "models"
+    publish(model_dir, starter_weights("detect"), "shapes-v1")
+    user, password = "ls-backend", "b4sic-s3cret"
+    b = start_backend(
+        tmp_path,
+        {
+            "MODEL_DIR": str(model_dir),
+            "REDIS_URL": redis_url,
+            "LABEL_STUDIO_URL": ls.url,
+            "LABEL_STUDIO_API_KEY": ls.token,
+            "BASIC_AUTH_USER": user,
+            "BASIC_AUTH_PASS": password,
+        },
+    )
+    try:
+        folder = ls.files_root / "auth"
+        folder.mkdir(parents=True, exist_ok=True)
+        rgb, _ = render_scene(np.random.default_rng(1), 320, 240, max_shapes=2)
+        Image.fromarray(rgb).save(folder / "a.png")
+        project = ls.create_project("annoloop auth", SHAPES_CONFIG)
+        ls.add_local_storage(project, "auth")
+        (task_id,) = ls.import_tasks(project, [{"image": ls.local_file_url("auth/a.png")}])
+        ls.connect_ml_backend(project, b.url, title="annoloop", basic_auth=(user, password))
+        ls.request_predictions(project)
+        (pred,) = ls.predictions(task_id)
+        assert pred["model_version"] == "shapes-v1"
+
+        (hook,) = [h for h in ls.webhooks(project) if h["url"].startswith(b.url)]
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        ls.api("PATCH", f"/api/webhooks/{hook['id']}/", json={"headers": {"Authorization": f"Basic {basic}"}})
+        ls.api(
+            "POST",
+            f"/api/tasks/{task_id}/annotations/",
+            expected=(201,),
+            json={"result": pred["result"], "was_cancelled": False},
+        )
+        deadline = time.monotonic() + 10
+        actions: list[str] = []
+        while time.monotonic() < deadline and "ANNOTATION_CREATED" not in actions:
+            events = [json.loads(line) for line in b.log.read_text().splitlines() if line.startswith("{")]
+            actions = [e.get("action") for e in events if e.get("event") == "webhook"]
+            time.sleep(0.2)
+        assert "ANNOTATION_CREATED" in actions, "the webhook with the basic-auth header did not get through"
+    finally:
+        b.stop()
+    assert password not in b.log.read_text()
