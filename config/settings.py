@@ -73,6 +73,7 @@ class InferenceSettings(_Section):
     uncertainty_conf: float = Field(0.05, ge=0.0, le=1.0)
     iou: float = Field(0.7, gt=0.0, le=1.0)
     max_det: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1, le=1024)
 
 
 class ImageSettings(_Section):

@@ -86,6 +86,30 @@ class PredictService:
         except LabelConfigError as e:
             raise BadRequest(str(e)) from None
 
+    def _predict_chunk(
+        self, model: LoadedModel, spec: OutputSpec, images: dict[int, np.ndarray], outcomes: list[TaskOutcome]
+    ) -> None:
+        inf = self.settings.inference
+        try:
+            detections: list[Detections | Exception] = list(model.predict(list(images.values())))
+        except Exception:
+            # Find the image that broke the batch: predict one by one so only that task fails.
+            log.exception("batched inference failed; retrying image by image")
+            detections = []
+            for image in images.values():
+                try:
+                    detections.append(model.predict([image])[0])
+                except Exception as e:
+                    detections.append(e)
+        for i, det in zip(images, detections, strict=True):
+            if isinstance(det, Exception):
+                outcomes[i].error = f"inference failed: {type(det).__name__}: {det}"
+                continue
+            u = image_uncertainty(det, self._ucfg, inf.uncertainty_conf)
+            outcomes[i].result = to_results(det, spec, inf.prelabel_conf)
+            outcomes[i].uncertainty = u.value
+            outcomes[i].score = unc.task_score(u.value)
+
     def setup(self, project: str, label_config: str) -> str | None:
         """Validate the config against the served model; return its version (None when there is no model)."""
         try:
@@ -121,22 +145,23 @@ class PredictService:
                 urls[i] = task_image_url(task, spec.control)
             except ImageError as e:
                 outcomes[i].error = str(e)
-        fetched = self.fetcher.fetch_many(list(urls.values()))
-        images: dict[int, np.ndarray] = {}
-        for i, got in zip(urls, fetched, strict=True):
-            if isinstance(got, ImageError):
-                outcomes[i].error = str(got)
-            else:
-                images[i] = got
-        fetch_s = time.perf_counter() - started
-
-        inf = self.settings.inference
-        detections = model.predict(list(images.values()))
-        for i, det in zip(images, detections, strict=True):
-            u = image_uncertainty(det, self._ucfg, inf.uncertainty_conf)
-            outcomes[i].result = to_results(det, spec, inf.prelabel_conf)
-            outcomes[i].uncertainty = u.value
-            outcomes[i].score = unc.task_score(u.value)
+        # Label Studio sends every selected task in one request: fetch and predict in bounded chunks so
+        # memory stays flat however many tasks arrive; each chunk is one batched model call.
+        fetch_s = 0.0
+        pending = list(urls.items())
+        size = self.settings.inference.batch_size
+        for start in range(0, len(pending), size):
+            chunk = pending[start : start + size]
+            t = time.perf_counter()
+            fetched = self.fetcher.fetch_many([url for _, url in chunk])
+            fetch_s += time.perf_counter() - t
+            images: dict[int, np.ndarray] = {}
+            for (i, _), got in zip(chunk, fetched, strict=True):
+                if isinstance(got, ImageError):
+                    outcomes[i].error = str(got)
+                else:
+                    images[i] = got
+            self._predict_chunk(model, spec, images, outcomes)
 
         failed = [
             (task.get("id") if isinstance(task, dict) else None, o.error)

@@ -50,7 +50,8 @@ def backend(tmp_path_factory, starter_weights, redis_url, image_server: ImageSer
     publish(model_dir, starter_weights("segment"), "seg-v1", project="7")
     publish(model_dir, starter_weights("classify"), "cls-v1", project="8")
     override = work / "annoloop.yaml"
-    override.write_text("images:\n  max_pixels: 4000000\n  timeout_s: 3\n")
+    # batch_size 4: the 8- and 10-task requests below span several chunks.
+    override.write_text("images:\n  max_pixels: 4000000\n  timeout_s: 3\ninference:\n  batch_size: 4\n")
     b = start_backend(
         work,
         {
