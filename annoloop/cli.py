@@ -65,6 +65,23 @@ def cmd_starter_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample_images(args: argparse.Namespace) -> int:
+    """Write generated scenes (the starter model's world) to import into Label Studio."""
+    import numpy as np
+    from PIL import Image
+
+    from training.synthetic import render_scene
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    for i in range(args.count):
+        rgb, _ = render_scene(rng, 640, 480, max_shapes=4)
+        Image.fromarray(rgb).save(out / f"shapes-{i:04d}.jpg", quality=92)
+    print(f"wrote {args.count} images to {out}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="annoloop", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "annoloop" / "models"))
     m.set_defaults(func=cmd_starter_model)
+
+    g = sub.add_parser("sample-images", help="write generated shape images to try the starter model on")
+    g.add_argument("--out", default="demo-images")
+    g.add_argument("--count", type=int, default=20)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_sample_images)
     return p
 
 

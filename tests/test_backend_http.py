@@ -320,11 +320,11 @@ def test_no_model_answers_empty_then_picks_up_a_published_one(
         deadline = time.monotonic() + 30
         version = None
         while time.monotonic() < deadline and version != "det-late":
-            version = predict(b, [{"data": {"image": "/" + scenes[0].name}}]).json()["results"][0][
-                "model_version"
-            ]
+            version = predict(b, [{"data": {"image": "/" + scenes[0].name}}]).json()["model_version"]
             time.sleep(0.2)
         assert version == "det-late"
+        (item,) = predict(b, [{"data": {"image": "/" + scenes[0].name}}]).json()["results"]
+        assert item["model_version"] == "det-late" and item["result"]
         assert requests.get(b.url + "/health", timeout=5).json()["default_model_version"] == "det-late"
     finally:
         b.stop()
