@@ -13,6 +13,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
+import cv2
 import numpy as np
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -39,8 +40,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(f"image is {w}x{h} = {w * h} pixels, above images.max_pixels={max_pixels}")
-            im = ImageOps.exif_transpose(im)
-            rgb = np.asarray(im.convert("RGB"))
+            im.load()
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            ImageOps.exif_transpose(im, in_place=True)  # no copy when there is nothing to rotate
+            rgb = np.asarray(im)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -49,7 +53,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageError("not a readable image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"corrupt or truncated image: {e}") from None
-    return np.ascontiguousarray(rgb[..., ::-1])
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)  # half the cost of a numpy channel flip + copy
 
 
 class ImageFetcher:

@@ -39,19 +39,21 @@ CONFIG = """<View><Image name="image" value="$image"/><RectangleLabels name="lab
 <Label value="circle"/><Label value="square"/><Label value="triangle"/></RectangleLabels></View>"""
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def paired_medians(a, b, repeats: int) -> tuple[float, float]:
+    """Median ms of a() and b(), measured alternately so machine noise and drift hit both alike."""
+    a(), b()  # warm-up
+    ta, tb = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+        for fn, out in ((a, ta), (b, tb)):
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t) * 1000)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16])
     ap.add_argument("--imgsz", type=int, default=640, help="inference size for both sides")
     ap.add_argument("--width", type=int, default=640)
@@ -74,8 +76,11 @@ def main() -> None:
             np.ascontiguousarray(np.asarray(Image.open(images_dir / f"{i}.jpg").convert("RGB"))[..., ::-1])
         )
 
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(images_dir))
-    handler.log_message = lambda *a: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(images_dir))
     files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=files.serve_forever, daemon=True).start()
     files_url = f"http://127.0.0.1:{files.server_address[1]}"
@@ -119,8 +124,7 @@ def main() -> None:
                 r = requests.post(url + "/predict", json=body, timeout=300)
                 r.raise_for_status()
 
-            m = median_ms(own, args.repeats)
-            s = median_ms(served, args.repeats)
+            m, s = paired_medians(own, served, args.repeats)
             rows.append((b, m, s))
     finally:
         server.terminate()
