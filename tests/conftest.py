@@ -28,6 +28,8 @@ from training.bootstrap import TEST_RECIPES, cached_starter_model
 from training.synthetic import Shape, render_scene
 
 REPO = Path(__file__).resolve().parents[1]
+# The team's shared material (datasets) lives beside the checkout; ANNOLOOP_SHARED_DIR points elsewhere.
+SHARED = Path(os.environ.get("ANNOLOOP_SHARED_DIR", REPO.parent / "shared"))
 VENV_BIN = Path(sys.executable).parent
 # Outside the checkout so a clean checkout (CI) still finds the models trained by earlier runs.
 MODEL_CACHE = Path(os.environ.get("ANNOLOOP_TEST_CACHE", Path.home() / ".cache" / "annoloop" / "test-models"))

@@ -13,7 +13,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import REPO, publish, start_backend
+from tests.conftest import SHARED, publish, start_backend
 from training.synthetic import render_scene
 
 pytestmark = pytest.mark.labelstudio
@@ -22,7 +22,7 @@ SHAPES_CONFIG = """<View><Image name="image" value="$image"/>
 <RectangleLabels name="label" toName="image">
   <Label value="Circle"/><Label value="Square"/><Label value="Triangle"/>
 </RectangleLabels></View>"""
-BCCD = REPO.parent / "shared" / "datasets" / "bccd" / "BCCD"
+BCCD = SHARED / "datasets" / "bccd" / "BCCD"
 LABELS = ("Circle", "Square", "Triangle")
 
 
@@ -121,7 +121,7 @@ def test_bccd_images_through_the_same_path(label_studio, backend_for_ls):
     folder = ls.files_root / "bccd"
     folder.mkdir(parents=True, exist_ok=True)
     names = sorted(p.name for p in (BCCD / "JPEGImages").glob("*.jpg"))[:8]
-    assert names, f"BCCD not found at {BCCD}"
+    assert names, f"BCCD not found at {BCCD} (set ANNOLOOP_SHARED_DIR to the shared folder)"
     for name in names:  # into Label Studio's temporary files root, not the repository
         shutil.copy(BCCD / "JPEGImages" / name, folder / name)
     config = """<View><Image name="image" value="$image"/><RectangleLabels name="cells" toName="image">
