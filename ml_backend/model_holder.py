@@ -7,6 +7,7 @@ model is loaded and warmed up. Projects served the same weights share one loaded
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from ultralytics import YOLO
 
 from annoloop.model_store import ModelStore, ModelVersion
@@ -69,8 +71,12 @@ Loader = Callable[[ModelVersion], LoadedModel]
 
 
 class ModelHolder:
-    """Serves one project's model. ``get()`` is cheap: it re-reads the version pointer at most every
-    ``check_interval_s`` and loads a changed version in the calling thread while others keep the old one."""
+    """Serves one project's model and swaps it when the project's version pointer moves.
+
+    With the registry's watcher running, swaps happen in the watcher thread and ``get()`` only returns the
+    current reference. Without it (in-process use), ``get()`` re-reads the pointer at most every
+    ``check_interval_s`` and one request thread loads the new version while the others keep the old one.
+    """
 
     def __init__(self, project: str, store: ModelStore, load: Loader, check_interval_s: float = 1.0):
         self.project = project
@@ -83,15 +89,22 @@ class ModelHolder:
         self._lock = threading.Lock()
         self.error: str | None = None
 
+    watched = False  # set by the registry's watcher: it does the refreshing
+
     def get(self) -> LoadedModel | None:
         # Block only when nothing is loaded yet; otherwise let one thread load while the rest serve.
-        due = time.monotonic() - self._checked >= self._interval
+        due = (not self.watched or self._model is None) and time.monotonic() - self._checked >= self._interval
         if due and self._lock.acquire(blocking=self._model is None):
             try:
                 self._refresh()
             finally:
                 self._lock.release()
         return self._model
+
+    def refresh(self) -> None:
+        """Check the pointer now and swap if it moved (the watcher's entry point)."""
+        with self._lock:
+            self._refresh()
 
     def _refresh(self) -> None:
         stamp = self._store.pointer_stamp(self.project)
@@ -100,6 +113,7 @@ class ModelHolder:
             return
         mv = self._store.served(self.project)
         current = self._model
+        previous = current.version if current else None
         if (
             mv is not None
             and current is not None
@@ -108,16 +122,18 @@ class ModelHolder:
             self._stamp = stamp
             return
         try:
+            # Load beside the old model, then swap the reference: requests in flight keep the old one.
             self._model = self._load(mv) if mv is not None else None
             self.error = None
             self._stamp = stamp
+            del current  # the old model is freed once the last request using it finishes
             if mv is not None:
                 log.info(
                     "model loaded",
                     extra={
                         "project": self.project,
                         "model_version": mv.version,
-                        "previous": current.version if current else None,
+                        "previous": previous,
                     },
                 )
         except Exception as e:  # keep serving what we had; retry on the next check
@@ -145,6 +161,7 @@ class ModelRegistry:
         )
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
+        self._watching = False
 
     def _load(self, mv: ModelVersion) -> LoadedModel:
         key = (mv.weights.resolve(), mv.weights.stat().st_mtime_ns)
@@ -155,11 +172,52 @@ class ModelRegistry:
                 self._loaded[key] = model
             return model
 
+    def loaded_count(self) -> int:
+        """Distinct models in memory: back to one per served version shortly after a swap."""
+        gc.collect()  # ultralytics models hold reference cycles; collect them before counting
+        return len(self._loaded)
+
+    def start_watcher(self) -> threading.Thread:
+        """Poll every project's pointer in a background thread, so new versions load off the request path
+        and are noticed within ``check_interval_s`` even when no request comes."""
+
+        def watch() -> None:
+            while True:
+                time.sleep(self._interval)
+                with self._lock:
+                    known = set(self._holders)
+                for project in set(self.store.projects()) - known:
+                    self.holder(project)
+                with self._lock:
+                    holders = list(self._holders.values())
+                swapped = False
+                for h in holders:
+                    before = h._model
+                    try:
+                        h.refresh()
+                    except Exception:
+                        log.exception("model watcher failed", extra={"project": h.project})
+                    swapped |= h._model is not before
+                    del before
+                if swapped:
+                    gc.collect()  # return the old model's memory now, not at some later collection
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+
+        with self._lock:
+            self._watching = True
+            for h in self._holders.values():
+                h.watched = True
+        thread = threading.Thread(target=watch, name="model-watcher", daemon=True)
+        thread.start()
+        return thread
+
     def holder(self, project: str) -> ModelHolder:
         with self._lock:
             holder = self._holders.get(project)
             if holder is None:
                 holder = self._holders[project] = ModelHolder(project, self.store, self._load, self._interval)
+                holder.watched = self._watching
             return holder
 
     def status(self) -> dict[str, dict[str, Any]]:

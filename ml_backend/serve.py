@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 
 def serve(settings: Settings, host: str, port: int) -> None:
     app = create_app(settings)
+    app.extensions["annoloop"].service.registry.start_watcher()  # hot-swap new versions off the request path
     log.info(
         "serving",
         extra={
