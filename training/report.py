@@ -1,0 +1,64 @@
+"""`annoloop report`: the learning curve as a PNG and the history as a markdown table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+from training.convergence import HistoryRow
+
+
+def history_table(rows: list[HistoryRow]) -> str:
+    head = (
+        "| version | promoted | labeled tasks | held-out mAP50 | held-out mAP50-95 | train mAP50 | created |"
+    )
+    lines = [head, "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        train = f"{r.train_map50:.3f}" if r.train_map50 is not None else "-"
+        lines.append(
+            f"| {r.version} | {'yes' if r.promoted else 'no'} | {r.labeled_tasks} | {r.heldout_map50:.3f} "
+            f"| {r.heldout_map50_95:.3f} | {train} | {r.created_at} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(rows: list[HistoryRow], out_dir: Path, project: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, md = out_dir / f"learning-curve-{project}.png", out_dir / f"history-{project}.md"
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    x = [r.labeled_tasks for r in rows]
+    ax.plot(x, [r.heldout_map50 for r in rows], "o-", label="held-out mAP50")
+    ax.plot(x, [r.heldout_map50_95 for r in rows], "s--", label="held-out mAP50-95")
+    if any(r.train_map50 is not None for r in rows):
+        ax.plot(
+            [r.labeled_tasks for r in rows if r.train_map50 is not None],
+            [r.train_map50 for r in rows if r.train_map50 is not None],
+            ":",
+            color="grey",
+            label="train mAP50",
+        )
+    rejected = [r for r in rows if not r.promoted]
+    if rejected:
+        ax.scatter(
+            [r.labeled_tasks for r in rejected],
+            [r.heldout_map50 for r in rejected],
+            marker="x",
+            color="red",
+            zorder=3,
+            label="not promoted",
+        )
+    ax.set_xlabel("labeled tasks")
+    ax.set_ylabel("metric")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"project {project}: learning curve")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    md.write_text(f"# Project {project}: training history\n\n" + history_table(rows))
+    return png, md
