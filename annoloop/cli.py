@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from config.settings import ConfigError, Settings, load_settings
+
+log = logging.getLogger(__name__)
 
 
 def _settings() -> Settings:
@@ -82,6 +85,209 @@ def cmd_sample_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run an rq worker on the training queue (rq's scheduler included, for delayed retries)."""
+    import redis
+    from rq import Worker
+
+    from annoloop.logs import configure_logging
+    from training.queue import QUEUE_NAME, describe_device, redis_location, training_queue
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    conn = redis.Redis.from_url(settings.redis_url)
+    try:
+        conn.ping()
+    except redis.RedisError as e:
+        print(
+            f"annoloop worker: cannot reach Redis at {redis_location(settings.redis_url)}: {e}",
+            file=sys.stderr,
+        )
+        return 1
+    device = describe_device()
+    log.info(
+        "worker starting",
+        extra={
+            "queue": QUEUE_NAME,
+            "device": device,
+            "redis": redis_location(settings.redis_url),
+            "burst": args.burst,
+        },
+    )
+    worker = Worker([training_queue(conn, settings.training)], connection=conn, name=args.name)
+    worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
+    log.info("worker stopped", extra={"queue": QUEUE_NAME, "worker": worker.name})
+    return 0
+
+
+def _describe_outcome(outcome) -> str:
+    p = outcome.project
+    if outcome.status == "enqueued":
+        return f"project {p}: training job {outcome.job_id} enqueued on the training queue"
+    if outcome.status == "coalesced":
+        return f"project {p}: training job {outcome.job_id} is already queued; this request joins it"
+    if outcome.status == "followup":
+        return (
+            f"project {p}: training job {outcome.job_id} is running; one follow-up training will run after it"
+        )
+    if outcome.status == "paused":
+        return f"project {p} is paused ({outcome.paused}): nothing enqueued; --force trains anyway"
+    return f"project {p}: {outcome.status}"
+
+
+def _watch(conn, job, args: argparse.Namespace, outcome) -> int:
+    from rq.exceptions import InvalidJobOperation, NoSuchJobError
+    from rq.job import Job, JobStatus
+
+    from training.queue import WaitTimeout, failure_reason, watch_job
+    from training.trigger import project_state
+
+    followed = False
+    while True:
+        try:
+            status = watch_job(
+                job, lambda line, j=job: print(f"job {j.id}: {line}", flush=True), args.poll, args.timeout
+            )
+        except WaitTimeout as e:
+            print(f"annoloop train: {e}", file=sys.stderr)
+            return 1
+        except (InvalidJobOperation, NoSuchJobError):
+            print(f"annoloop train: job {job.id} is gone (expired or deleted)", file=sys.stderr)
+            return 1
+        if status != JobStatus.FINISHED:
+            print(f"job {job.id} {status.value}: {failure_reason(job)}", file=sys.stderr, flush=True)
+            return 1
+        result = job.return_value(refresh=True)
+        print(f"job {job.id} result: {json.dumps(result, default=str, sort_keys=True)}", flush=True)
+        if outcome is not None and outcome.status == "followup" and not followed:
+            # This request was owed to a follow-up of the job that was running: wait for that one too.
+            state = project_state(conn, outcome.project)
+            if state["job_id"] and state["job_id"] != job.id and state["state"] != "idle":
+                job = Job.fetch(state["job_id"], connection=conn)
+                followed = True
+                print(f"project {outcome.project}: waiting for the follow-up job {job.id}", flush=True)
+                continue
+        return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Ask for a training now (coalescing with a queued or running one), optionally waiting for it."""
+    import redis
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+
+    from training.queue import enqueue_ping, redis_location
+    from training.trigger import request_training
+
+    settings = _settings()
+    if args.ping is None and args.project is None:
+        print("annoloop train: --project is required (or --ping to check the worker)", file=sys.stderr)
+        return 2
+    conn = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    try:
+        outcome = None
+        if args.ping is not None:
+            job = enqueue_ping(conn, args.ping, settings.training)
+            print(f"ping job {job.id} enqueued on the training queue", flush=True)
+        else:
+            outcome = request_training(
+                conn, args.project, force=args.force, reason="manual", settings=settings.training
+            )
+            print(
+                _describe_outcome(outcome),
+                flush=True,
+                file=sys.stderr if outcome.status == "paused" else None,
+            )
+            if outcome.job_id is None:
+                return 1
+            if not args.wait:
+                return 0
+            job = Job.fetch(outcome.job_id, connection=conn)
+        return _watch(conn, job, args, outcome) if args.wait else 0
+    except NoSuchJobError:
+        print(
+            f"annoloop train: job {outcome.job_id if outcome else ''} is gone (expired or deleted)",
+            file=sys.stderr,
+        )
+        return 1
+    except redis.RedisError as e:
+        print(f"annoloop train: Redis at {redis_location(settings.redis_url)}: {e}", file=sys.stderr)
+        return 1
+
+
+def _project_id(value: str) -> str:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"a Label Studio project id is a number, got {value!r}")
+    return str(int(value))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from annoloop.model_commands import format_versions, list_versions
+    from annoloop.model_store import ModelStore
+
+    print(format_versions(list_versions(ModelStore(_settings().model_dir), args.project)))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from annoloop.model_commands import rollback
+    from annoloop.model_store import ModelStore, ModelStoreError
+
+    try:
+        previous = rollback(ModelStore(_settings().model_dir), args.project, args.to)
+    except ModelStoreError as e:
+        print(f"annoloop: {e}", file=sys.stderr)
+        return 1
+    print(f"project {args.project}: now serving {args.to} (was {previous}); backends follow within a second")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """What is served, whether a training is queued or running, and whether retraining continues (and why)."""
+    import redis
+
+    from annoloop.model_store import ModelStore
+    from training.convergence import ConvergenceRules, decide, history_path, read_history
+    from training.trigger import project_state
+
+    settings = _settings()
+    served = ModelStore(settings.model_dir).served(args.project)
+    print(f"project {args.project}")
+    print(f"  served model:  {served.version + ' (' + served.project + ')' if served else 'none'}")
+    history = read_history(history_path(settings.model_dir, args.project))
+    decision = decide(history, ConvergenceRules())
+    print(f"  trainings:     {len(history)} ({sum(r.promoted for r in history)} promoted)")
+    print(f"  retraining:    {'continues' if decision.keep_training else 'stopped'}: {decision.reason}")
+    try:
+        state = project_state(redis.Redis.from_url(settings.redis_url, socket_timeout=2), args.project)
+    except redis.RedisError as e:
+        print(f"  queue:         unknown (Redis unreachable: {type(e).__name__})")
+        return 1
+    print(f"  queue:         {state['state']}" + (f" (job {state['job_id']})" if state["job_id"] else ""))
+    print(
+        f"  new labels:    {state['new_annotations']} since the last training "
+        f"(threshold {settings.training.min_new_annotations})"
+    )
+    if state["paused"]:
+        print(f"  paused:        {state['paused']} (annoloop train --force overrides)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from training.convergence import history_path, read_history
+    from training.report import write_report
+
+    settings = _settings()
+    rows = read_history(history_path(settings.model_dir, args.project))
+    if not rows:
+        print(f"annoloop: project {args.project} has no training history yet", file=sys.stderr)
+        return 1
+    png, md = write_report(rows, Path(args.out), args.project)
+    print(md.read_text())
+    print(f"wrote {png} and {md}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="annoloop", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -105,6 +311,53 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--count", type=int, default=20)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_sample_images)
+
+    w = sub.add_parser(
+        "worker", help="run a worker for the training queue (uses the GPU when torch sees one)"
+    )
+    w.add_argument("--burst", action="store_true", help="run the jobs queued now, then exit")
+    w.add_argument("--name", default=None, help="worker name (default: rq's random one)")
+    w.set_defaults(func=cmd_worker)
+
+    t = sub.add_parser(
+        "train",
+        help="train a project's model now (joins a queued or running training instead of adding one)",
+        description="Enqueue a training of the project's model. A training already queued takes this request "
+        "in; one running gets a single follow-up. Exit status: 0 enqueued (or, with --wait, succeeded), "
+        "1 not enqueued (paused project, Redis unreachable) or the job failed, 2 bad arguments.",
+    )
+    t.add_argument("--project", type=_project_id, help="Label Studio project id")
+    t.add_argument("--force", action="store_true", help="train even if the project is paused")
+    t.add_argument("--wait", action="store_true", help="follow the job's progress until it ends")
+    t.add_argument("--poll", type=float, default=1.0, help="seconds between progress checks (--wait)")
+    t.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+    t.add_argument(
+        "--ping",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="instead of training, enqueue a diagnostic job that takes SECONDS: checks that a worker runs "
+        "jobs (and can use CUDA); with --wait, shows its progress",
+    )
+    t.set_defaults(func=cmd_train)
+
+    ms = sub.add_parser("models", help="list a project's model versions with their held-out metrics")
+    ms.add_argument("--project", required=True, type=_project_id)
+    ms.set_defaults(func=cmd_models)
+
+    rb = sub.add_parser("rollback", help="serve an earlier version again (every backend follows)")
+    rb.add_argument("--project", required=True, type=_project_id)
+    rb.add_argument("--to", required=True, metavar="VERSION")
+    rb.set_defaults(func=cmd_rollback)
+
+    st = sub.add_parser("status", help="served model, training queue and whether retraining continues")
+    st.add_argument("--project", required=True, type=_project_id)
+    st.set_defaults(func=cmd_status)
+
+    rp = sub.add_parser("report", help="write the learning-curve plot (PNG) and the history table")
+    rp.add_argument("--project", required=True, type=_project_id)
+    rp.add_argument("--out", default="reports", help="folder for the PNG and the markdown table")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

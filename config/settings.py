@@ -99,6 +99,41 @@ class UncertaintySettings(_Section):
     weights: UncertaintyWeights = UncertaintyWeights()
 
 
+class TrainingSettings(_Section):
+    min_new_annotations: int = Field(20, ge=1)
+    job_timeout_s: int = Field(7200, ge=1)
+    result_ttl_s: int = Field(7 * 24 * 3600, ge=0)
+    failure_ttl_s: int = Field(30 * 24 * 3600, ge=0)
+    retry_max: int = Field(3, ge=0, le=100)
+    retry_intervals_s: tuple[int, ...] = Field((10, 60, 300), min_length=1)
+    # Retraining itself (training/): split, schedule, promotion. Documented in default.yaml.
+    holdout_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    model: str = "yolo11n.yaml"
+    base_epochs: int = Field(50, ge=1)
+    finetune_epochs: int = Field(15, ge=1)
+    imgsz: int = Field(640, ge=32, le=8192)
+    batch: int = Field(16, ge=1, le=1024)
+    optimizer: Literal["SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp"] = "AdamW"
+    lr0: float = Field(0.002, gt=0.0, le=1.0)
+    lr_decay: float = Field(0.7, gt=0.0, le=1.0)
+    lr_min: float = Field(0.0001, ge=0.0, le=1.0)
+    device: str = "auto"
+    workers: int = Field(2, ge=0, le=64)
+    seed: int = Field(0, ge=0)
+    amp: bool = True
+    promote_metric: Literal["mAP50", "mAP50-95", "f1", "precision", "recall"] = "mAP50"
+    min_improvement: float = 0.005
+    export_page_size: int = Field(100, ge=1, le=1000)
+    train_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("retry_intervals_s")
+    @classmethod
+    def _non_negative(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(i < 0 for i in v):
+            raise ValueError("retry intervals must be >= 0 seconds")
+        return v
+
+
 class Settings(_Section):
     label_studio: LabelStudioSettings = LabelStudioSettings()
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -109,6 +144,7 @@ class Settings(_Section):
     inference: InferenceSettings = InferenceSettings()
     images: ImageSettings = ImageSettings()
     uncertainty: UncertaintySettings = UncertaintySettings()
+    training: TrainingSettings = TrainingSettings()
 
     @field_validator("redis_url")
     @classmethod

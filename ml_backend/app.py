@@ -21,6 +21,7 @@ from ml_backend.auth import install_basic_auth
 from ml_backend.model_holder import ModelRegistry
 from ml_backend.predict_service import BadRequest, PredictService
 from ml_backend.schemas import PredictRequest, SetupRequest, WebhookEvent, project_key
+from training.trigger import WebhookError, handle_webhook, parse_webhook
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,30 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
 
     @app.post("/webhook")
     def webhook():
-        event = _validate(WebhookEvent, _json_body())
-        log.info("webhook", extra={"action": event.action})
-        return jsonify(status="ignored", action=event.action)
+        # Label Studio sends webhooks inside the annotator's request and waits at most 1 s: Redis work only.
+        started = time.perf_counter()
+        body = _json_body()
+        event = _validate(WebhookEvent, body)
+        try:
+            call = parse_webhook(body)
+        except WebhookError as e:
+            raise BadRequest(str(e)) from None
+        try:
+            outcome = handle_webhook(backend.redis, call, settings.training)
+        except redis.RedisError as e:
+            log.warning(
+                "webhook",
+                extra={"action": event.action, "project": call.project, "status": "redis unavailable"},
+            )
+            message = f"redis is unavailable, the {event.action} webhook was not recorded: {type(e).__name__}"
+            return jsonify(error=message), 503
+        ms = (time.perf_counter() - started) * 1000
+        log.info(
+            "webhook",
+            extra={"action": event.action, **outcome.to_dict(), "ms": round(ms, 2)},
+        )
+        resp = jsonify(action=event.action, **outcome.to_dict())
+        resp.headers["Server-Timing"] = f"webhook;dur={ms:.2f}"
+        return resp
 
     return app
