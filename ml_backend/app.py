@@ -103,6 +103,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
             "version": __version__,
             "default_model_version": default.version if default else None,
             "models": models,
+            "loaded_models": registry.loaded_count(),
             "redis": backend.redis_ok(),
         }
         if default is None and not any(m.get("model_version") for m in models.values()):

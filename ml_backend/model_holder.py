@@ -173,8 +173,8 @@ class ModelRegistry:
             return model
 
     def loaded_count(self) -> int:
-        """Distinct models in memory: back to one per served version shortly after a swap."""
-        gc.collect()  # ultralytics models hold reference cycles; collect them before counting
+        """Distinct models in memory: back to one per served version once the watcher has swapped (it collects
+        the old model's reference cycles right after a swap)."""
         return len(self._loaded)
 
     def start_watcher(self) -> threading.Thread:
