@@ -18,10 +18,15 @@ class VersionRow:
 
 
 def _metric(meta: dict[str, Any], name: str) -> float | None:
-    """Model cards keep the candidate's held-out metrics under metrics.candidate (training) or metrics."""
-    m = meta.get("metrics") or {}
-    value = (m.get("candidate") or {}).get(name, m.get(name)) if isinstance(m, dict) else None
+    """A version's held-out metric from its model card: metrics.candidate.overall (training jobs)."""
+    cand = (meta.get("metrics") or {}).get("candidate") or {}
+    value = (cand.get("overall") or cand).get(name)
     return float(value) if isinstance(value, int | float) else None
+
+
+def _parent(meta: dict[str, Any]) -> str | None:
+    parent = meta.get("parent")
+    return parent.get("version") if isinstance(parent, dict) else None
 
 
 def list_versions(store: ModelStore, project: str) -> list[VersionRow]:
@@ -38,7 +43,7 @@ def list_versions(store: ModelStore, project: str) -> list[VersionRow]:
             VersionRow(
                 mv.version,
                 current is not None and current.version == mv.version,
-                meta.get("parent_version"),
+                _parent(meta),
                 meta.get("created_at"),
                 metrics,
             )

@@ -99,6 +99,14 @@ class UncertaintySettings(_Section):
     weights: UncertaintyWeights = UncertaintyWeights()
 
 
+class ConvergenceSettings(_Section):
+    target_map50: float | None = Field(0.95, ge=0.0, le=1.0)
+    plateau_window: int = Field(3, ge=1)
+    plateau_min_gain: float = Field(0.005, ge=0.0)
+    max_overfit_gap: float | None = Field(0.25, ge=0.0)
+    max_versions: int | None = Field(50, ge=1)
+
+
 class TrainingSettings(_Section):
     min_new_annotations: int = Field(20, ge=1)
     job_timeout_s: int = Field(7200, ge=1)
@@ -125,6 +133,7 @@ class TrainingSettings(_Section):
     min_improvement: float = 0.005
     export_page_size: int = Field(100, ge=1, le=1000)
     train_args: dict[str, Any] = Field(default_factory=dict)
+    convergence: ConvergenceSettings = ConvergenceSettings()
 
     @field_validator("retry_intervals_s")
     @classmethod

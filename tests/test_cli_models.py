@@ -23,8 +23,16 @@ def test_models_rollback_status_report(tmp_path, redis_url):
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"weights")
     store = ModelStore(tmp_path / "models")
-    store.publish("3", "v001", weights, {"metrics": {"candidate": {"mAP50": 0.41}}})
-    store.publish("3", "v002", weights, {"parent_version": "v001", "metrics": {"candidate": {"mAP50": 0.57}}})
+    store.publish("3", "v001", weights, {"metrics": {"candidate": {"overall": {"mAP50": 0.41}}}})
+    store.publish(
+        "3",
+        "v002",
+        weights,
+        {
+            "parent": {"project": "3", "version": "v001"},
+            "metrics": {"candidate": {"overall": {"mAP50": 0.57}}},
+        },
+    )
     for i, m in enumerate((0.41, 0.57), 1):
         append_row(history_path(store.root, "3"), HistoryRow(f"v00{i}", True, 20 * i, m, m / 2, m + 0.1, "t"))
     env = {"MODEL_DIR": str(store.root), "REDIS_URL": redis_url}

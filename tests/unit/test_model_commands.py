@@ -13,8 +13,16 @@ def store(tmp_path):
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"not really weights")
     s = ModelStore(tmp_path / "models")
-    s.publish("3", "v001", weights, {"metrics": {"candidate": {"mAP50": 0.5, "recall": 0.4}}})
-    s.publish("3", "v002", weights, {"parent_version": "v001", "metrics": {"mAP50": 0.7}})
+    s.publish("3", "v001", weights, {"metrics": {"candidate": {"overall": {"mAP50": 0.5, "recall": 0.4}}}})
+    s.publish(
+        "3",
+        "v002",
+        weights,
+        {
+            "parent": {"project": "3", "version": "v001"},
+            "metrics": {"candidate": {"overall": {"mAP50": 0.7}}},
+        },
+    )
     return s
 
 
