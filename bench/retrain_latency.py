@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from PIL import Image
 from rq.job import Job
 
 from annoloop.model_store import ModelStore
-from tests.conftest import MODEL_CACHE, free_port, start_backend
+from tests.conftest import MODEL_CACHE, start_backend, start_redis
 from tests.labelstudio_server import label_studio_version, start_label_studio
 from tests.test_retrain_loop import CONFIG, H, W, gt_result
 from training.bootstrap import TEST_RECIPES, cached_starter_model
@@ -51,27 +50,8 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-retrain-"))
-    port = free_port()
-    redis_proc = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    redis_url = f"redis://127.0.0.1:{port}/0"
+    redis_proc, redis_url = start_redis(work)
     r = redis.Redis.from_url(redis_url)
-    for _ in range(100):
-        try:
-            r.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
     venv = ROOT / ".ls-venv"
     template = (
         MODEL_CACHE.parent / "labelstudio" / f"label-studio-{label_studio_version(venv)}-migrated.sqlite3"

@@ -59,14 +59,14 @@ def wait_http(
 # --- Redis -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory) -> Iterator[str]:
-    """A real redis-server of our own on a free port, so tests never touch another instance's data."""
+def start_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A real redis-server of our own (nothing persisted), answering before this returns."""
+    import redis
+
     exe = shutil.which("redis-server")
     if exe is None:
-        pytest.fail("redis-server is not installed (apt install redis-server)")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
+        raise RuntimeError("redis-server is not installed (apt install redis-server)")
+    port = port or free_port()
     proc = subprocess.Popen(
         [
             exe,
@@ -84,15 +84,20 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    import redis
-
     client = redis.Redis(port=port)
     for _ in range(100):
         with contextlib.suppress(redis.ConnectionError):
             if client.ping():
                 break
         time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """A real redis-server of our own on a free port, so tests never touch another instance's data."""
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
     proc.terminate()
     proc.wait(10)
 

@@ -10,7 +10,6 @@ import concurrent.futures as cf
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from rq import Queue
 from rq.job import Job, JobStatus
 
 from config.settings import TrainingSettings
-from tests.conftest import VENV_BIN, free_port, publish, start_backend
+from tests.conftest import VENV_BIN, free_port, publish, start_backend, start_redis
 from training import trigger
 from training.queue import PING_FUNC, TRAIN_FUNC
 from training.trigger import keys, mark_finished, mark_started, pause, project_state, request_training
@@ -301,28 +300,7 @@ def test_malformed_webhooks_get_400(backend, r, data, content_type, message):
 
 @contextlib.contextmanager
 def own_redis(tmp_path: Path, port: int):
-    proc = subprocess.Popen(
-        [
-            shutil.which("redis-server"),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        with contextlib.suppress(redis.ConnectionError):
-            if client.ping():
-                break
-        time.sleep(0.05)
+    proc, _ = start_redis(tmp_path, port)
     try:
         yield proc
     finally:
