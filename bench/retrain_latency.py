@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -23,21 +23,16 @@ from pathlib import Path
 os.environ.setdefault("YOLO_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import redis
 import requests
 import torch
-import yaml
-from PIL import Image
 from rq.job import Job
 
 from annoloop.model_store import ModelStore
-from tests.conftest import MODEL_CACHE, start_backend, start_redis
+from tests.conftest import MODEL_CACHE, SHAPES_CONFIG, gt_result, shapes_project, start_loop, start_redis
 from tests.labelstudio_server import label_studio_version, start_label_studio
-from tests.test_retrain_loop import CONFIG, H, W, gt_result
 from training.bootstrap import TEST_RECIPES, cached_starter_model
-from training.synthetic import render_scene
-from training.trigger import project_state
+from training.trigger import pause, project_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,62 +52,49 @@ def main() -> None:
         MODEL_CACHE.parent / "labelstudio" / f"label-studio-{label_studio_version(venv)}-migrated.sqlite3"
     )
     template.parent.mkdir(parents=True, exist_ok=True)
-    worker = backend = None
+    loop = None
     try:
         with start_label_studio(venv, work / "ls", db_template=template) as ls:
-            model_dir = work / "models"
             weights = cached_starter_model("detect", MODEL_CACHE, **TEST_RECIPES["detect"])
-            ModelStore(model_dir).publish("default", "starter", weights, {})
-            config = work / "annoloop.yaml"
-            config.write_text(
-                yaml.safe_dump(
+            loop = start_loop(
+                work,
+                ls,
+                redis_url,
+                weights,
+                min_new_annotations=args.tasks,
+                base_epochs=args.epochs,
+                finetune_epochs=args.epochs,
+                imgsz=args.imgsz,
+                holdout_fraction=0.3,
+            )
+            backend, worker, model_dir = loop.backend, loop.worker, loop.model_dir
+            # The webhook endpoint alone, from a client, on an event it records nothing for and on one it counts.
+            hook = requests.Session()
+            pause(r, "998", "benchmark: count without training")
+            webhook_ms = {}
+            for name, body in (
+                ("ignored event", {"action": "PROJECT_UPDATED", "project": {"id": 999}}),
+                (
+                    "counted annotation",
                     {
-                        "log_level": "WARNING",
-                        "training": {
-                            "min_new_annotations": args.tasks,
-                            "imgsz": args.imgsz,
-                            "batch": 8,
-                            "base_epochs": args.epochs,
-                            "finetune_epochs": args.epochs,
-                            "workers": 0,
-                            "holdout_fraction": 0.3,
-                            "min_improvement": -1.0,
-                            "train_args": {"nbs": 8, "close_mosaic": 1},
-                        },
-                    }
-                )
-            )
-            env = {
-                "MODEL_DIR": str(model_dir),
-                "REDIS_URL": redis_url,
-                "LABEL_STUDIO_URL": ls.url,
-                "LABEL_STUDIO_API_KEY": ls.token,
-                "ANNOLOOP_CONFIG": str(config),
-            }
-            backend = start_backend(work, env)
-            worker = subprocess.Popen(
-                [str(Path(sys.executable).parent / "annoloop"), "worker"],
-                env={**os.environ, **env},
-                stdout=(work / "worker.log").open("w"),
-                stderr=subprocess.STDOUT,
-            )
-            folder = ls.files_root / "bench"
-            folder.mkdir(parents=True)
-            rng = np.random.default_rng(3)
-            shapes = []
-            for i in range(args.tasks + 1):
-                rgb, s = render_scene(rng, W, H, max_shapes=3)
-                Image.fromarray(rgb).save(folder / f"{i}.png")
-                shapes.append(s)
-            project = ls.create_project("annoloop bench", CONFIG)
-            ls.add_local_storage(project, "bench")
-            ids = ls.import_tasks(
-                project, [{"image": ls.local_file_url(f"bench/{i}.png")} for i in range(len(shapes))]
-            )
+                        "action": "ANNOTATION_UPDATED",
+                        "project": {"id": 998},
+                        "annotation": {"id": 1, "was_cancelled": False},
+                    },
+                ),
+            ):
+                times = []
+                for _ in range(200):
+                    t = time.perf_counter()
+                    hook.post(backend.url + "/webhook", json=body, timeout=5).raise_for_status()
+                    times.append((time.perf_counter() - t) * 1000)
+                times.sort()
+                webhook_ms[name] = (statistics.median(times), times[int(0.95 * len(times))])
+            project, ids, shapes = shapes_project(ls, "bench", args.tasks + 1, seed=3, title="annoloop bench")
             ls.connect_ml_backend(project, backend.url, title="annoloop")
             probe = {
                 "tasks": [{"id": ids[-1], "data": {"image": ls.local_file_url(f"bench/{args.tasks}.png")}}],
-                "label_config": CONFIG,
+                "label_config": SHAPES_CONFIG,
                 "project": f"{project}.0",
             }
             for task_id, s in zip(ids[:-2], shapes[:-2], strict=False):
@@ -136,7 +118,7 @@ def main() -> None:
             store = ModelStore(model_dir)
             while store.current(str(project)) is None:
                 if worker.poll() is not None:
-                    raise SystemExit((work / "worker.log").read_text()[-3000:])
+                    raise SystemExit(loop.worker_log.read_text()[-3000:])
                 time.sleep(0.05)
             new = store.current(str(project)).version
             while True:
@@ -152,12 +134,8 @@ def main() -> None:
             stages = meta["stage_seconds"]
             enq, start, end = (x.timestamp() for x in (job.enqueued_at, job.started_at, job.ended_at))
     finally:
-        for proc in (worker,):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(30)
-        if backend is not None:
-            backend.stop()
+        if loop is not None:
+            loop.stop()
         redis_proc.terminate()
 
     rows = [
@@ -186,6 +164,9 @@ def main() -> None:
         f"| {'overhead outside training (total - train)':<54} | {total - train:>8.2f} | {(total - train) / total:>6.1%} |"
     )
     print(f"new version: {new}")
+    print(f"\n/webhook alone (200 calls each, client-side ms) | {'median':>6} | {'p95':>6} |")
+    for name, (med, p95) in webhook_ms.items():
+        print(f"{name:<47} | {med:>6.2f} | {p95:>6.2f} |")
 
 
 if __name__ == "__main__":

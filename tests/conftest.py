@@ -233,3 +233,106 @@ def label_studio(tmp_path_factory):
         template.parent.mkdir(parents=True, exist_ok=True)
     with start_label_studio(venv, tmp_path_factory.mktemp("labelstudio"), db_template=template) as server:
         yield server
+
+
+# --- The whole loop: a shapes project in Label Studio, the backend and a worker --------------------------
+
+SHAPES_CONFIG = """<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">
+<Label value="circle"/><Label value="square"/><Label value="triangle"/></RectangleLabels></View>"""
+SHAPE_LABELS = ("circle", "square", "triangle")
+SCENE_W, SCENE_H = 320, 240
+
+
+def gt_result(shapes: list[Shape]) -> list[dict]:
+    """Ground-truth shapes as a Label Studio annotation result (what an annotator would submit)."""
+    out = []
+    for i, s in enumerate(shapes):
+        x0, y0, x1, y1 = s.box
+        value = {
+            "x": 100 * x0 / SCENE_W,
+            "y": 100 * y0 / SCENE_H,
+            "width": 100 * (x1 - x0) / SCENE_W,
+            "height": 100 * (y1 - y0) / SCENE_H,
+            "rotation": 0,
+            "rectanglelabels": [SHAPE_LABELS[s.cls]],
+        }
+        out.append(
+            {
+                "id": f"gt{i}",
+                "from_name": "label",
+                "to_name": "image",
+                "type": "rectanglelabels",
+                "original_width": SCENE_W,
+                "original_height": SCENE_H,
+                "image_rotation": 0,
+                "value": value,
+            }
+        )
+    return out
+
+
+def shapes_project(
+    ls, folder: str, n: int, seed: int, title: str
+) -> tuple[int, list[int], list[list[Shape]]]:
+    """A Label Studio project of ``n`` generated scenes served as local files: (project, task ids, shapes)."""
+    root = ls.files_root / folder
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shapes = []
+    for i in range(n):
+        rgb, s = render_scene(rng, SCENE_W, SCENE_H, max_shapes=3)
+        Image.fromarray(rgb).save(root / f"{i}.png")
+        shapes.append(s)
+    project = ls.create_project(title, SHAPES_CONFIG)
+    ls.add_local_storage(project, folder)
+    ids = ls.import_tasks(project, [{"image": ls.local_file_url(f"{folder}/{i}.png")} for i in range(n)])
+    return project, ids, shapes
+
+
+@dataclass
+class Loop:
+    """`annoloop serve` and `annoloop worker` sharing one configuration, as deployed."""
+
+    backend: Backend
+    worker: subprocess.Popen
+    worker_log: Path
+    model_dir: Path
+
+    def stop(self) -> None:
+        self.worker.terminate()
+        self.worker.wait(30)
+        self.backend.stop()
+
+
+def start_loop(workdir: Path, ls, redis_url: str, starter: Path, **training) -> Loop:
+    """Backend + worker on a model dir whose default model is ``starter``; tiny training settings that always
+    promote (the loop's mechanics are under test, not the model's quality), overridden by ``training``."""
+    import yaml
+
+    model_dir = workdir / "models"
+    publish(model_dir, starter, "starter")
+    config = workdir / "annoloop.yaml"
+    tiny = {
+        "imgsz": 128,
+        "batch": 8,
+        "workers": 0,
+        "min_improvement": -1.0,
+        "train_args": {"nbs": 8, "close_mosaic": 1},
+    }
+    config.write_text(yaml.safe_dump({"log_level": "WARNING", "training": {**tiny, **training}}))
+    env = {
+        "MODEL_DIR": str(model_dir),
+        "REDIS_URL": redis_url,
+        "LABEL_STUDIO_URL": ls.url,
+        "LABEL_STUDIO_API_KEY": ls.token,
+        "ANNOLOOP_CONFIG": str(config),
+    }
+    backend = start_backend(workdir, env)
+    log = workdir / "worker.log"
+    worker = subprocess.Popen(
+        [str(VENV_BIN / "annoloop"), "worker"],
+        env={**os.environ, **env},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    return Loop(backend, worker, log, model_dir)

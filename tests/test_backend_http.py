@@ -13,6 +13,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import ImageServer, Scene, publish, start_backend
+from training.evaluate import box_iou
 
 DETECT_CONFIG = """<View><Image name="image" value="$image"/>
 <RectangleLabels name="label" toName="image">
@@ -26,14 +27,6 @@ CHOICES_CONFIG = """<View><Image name="image" value="$image"/>
 </Choices></View>"""
 TOKEN = "test-legacy-token-0123456789"
 LABELS = ("Circle", "Square", "Triangle")
-
-
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def region_box(region: dict, scene: Scene) -> tuple[float, float, float, float]:
@@ -142,7 +135,7 @@ def test_predict_finds_the_shapes(backend, image_server):
             want = LABELS[shape.cls]
             best = max(
                 (
-                    iou(region_box(reg, scene), shape.box)
+                    float(box_iou([region_box(reg, scene)], [shape.box])[0, 0])
                     for reg in item["result"]
                     if reg["value"]["rectanglelabels"] == [want]
                 ),

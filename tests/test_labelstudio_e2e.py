@@ -14,6 +14,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import SHARED, publish, start_backend
+from training.evaluate import box_iou
 from training.synthetic import render_scene
 
 pytestmark = pytest.mark.labelstudio
@@ -24,13 +25,6 @@ SHAPES_CONFIG = """<View><Image name="image" value="$image"/>
 </RectangleLabels></View>"""
 BCCD = SHARED / "datasets" / "bccd" / "BCCD"
 LABELS = ("Circle", "Square", "Triangle")
-
-
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
-    return ix * iy / union if union > 0 else 0.0
 
 
 def personal_access_token(ls) -> str:
@@ -106,7 +100,7 @@ def test_label_studio_stores_prelabels_from_the_backend(label_studio, backend_fo
                 for r in pred["result"]
                 if r["value"]["rectanglelabels"] == [LABELS[shape.cls]]
             ]
-            matched += max((iou(b, shape.box) for b in boxes), default=0) >= 0.5
+            matched += max((float(box_iou([b], [shape.box])[0, 0]) for b in boxes), default=0) >= 0.5
     assert matched / total >= 0.7, f"{matched}/{total} shapes matched"
     # The queue needs distinct scores to order anything.
     scores = {ls.predictions(t)[0]["score"] for t in names}

@@ -4,107 +4,34 @@ predictions of the new version. Asserted from Label Studio's side where it can s
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
-import yaml
-from PIL import Image
 
 from annoloop.model_store import ModelStore
-from tests.conftest import publish, start_backend
-from training.synthetic import render_scene
+from tests.conftest import gt_result, shapes_project, start_loop
 
 pytestmark = pytest.mark.labelstudio
-
-CONFIG = """<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">
-<Label value="circle"/><Label value="square"/><Label value="triangle"/></RectangleLabels></View>"""
-LABELS = ("circle", "square", "triangle")
-W, H = 320, 240
-
-
-def gt_result(shapes) -> list[dict]:
-    out = []
-    for i, s in enumerate(shapes):
-        x0, y0, x1, y1 = s.box
-        out.append(
-            {
-                "id": f"gt{i}",
-                "from_name": "label",
-                "to_name": "image",
-                "type": "rectanglelabels",
-                "original_width": W,
-                "original_height": H,
-                "image_rotation": 0,
-                "value": {
-                    "x": 100 * x0 / W,
-                    "y": 100 * y0 / H,
-                    "width": 100 * (x1 - x0) / W,
-                    "height": 100 * (y1 - y0) / H,
-                    "rotation": 0,
-                    "rectanglelabels": [LABELS[s.cls]],
-                },
-            }
-        )
-    return out
 
 
 def test_annotations_retrain_and_the_backend_serves_the_new_version(
     label_studio, tmp_path, redis_url, starter_weights
 ):
     ls = label_studio
-    model_dir = tmp_path / "models"
-    publish(model_dir, starter_weights("detect"), "starter")
-    config = tmp_path / "annoloop.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "training": {
-                    "min_new_annotations": 10,
-                    "imgsz": 128,
-                    "batch": 8,
-                    "base_epochs": 2,
-                    "finetune_epochs": 1,
-                    "workers": 0,
-                    "holdout_fraction": 0.5,
-                    "min_improvement": -1.0,  # promote whatever comes out
-                    "train_args": {"nbs": 8, "close_mosaic": 1},
-                }
-            }
-        )
+    loop = start_loop(
+        tmp_path,
+        ls,
+        redis_url,
+        starter_weights("detect"),
+        min_new_annotations=10,
+        base_epochs=2,
+        finetune_epochs=1,
+        holdout_fraction=0.5,
     )
-    env = {
-        "MODEL_DIR": str(model_dir),
-        "REDIS_URL": redis_url,
-        "LABEL_STUDIO_URL": ls.url,
-        "LABEL_STUDIO_API_KEY": ls.token,
-        "ANNOLOOP_CONFIG": str(config),
-    }
-    backend = start_backend(tmp_path, env)
-    worker_log = tmp_path / "worker.log"
-    worker = subprocess.Popen(
-        [str(Path(sys.executable).parent / "annoloop"), "worker"],
-        env={**os.environ, **env},
-        stdout=worker_log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    backend, worker, worker_log, model_dir = loop.backend, loop.worker, loop.worker_log, loop.model_dir
     try:
-        folder = ls.files_root / "loop"
-        folder.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(11)
-        shapes = []
-        for i in range(14):
-            rgb, s = render_scene(rng, W, H, max_shapes=3)
-            Image.fromarray(rgb).save(folder / f"{i}.png")
-            shapes.append(s)
-        project = ls.create_project("annoloop loop", CONFIG)
-        ls.add_local_storage(project, "loop")
-        ids = ls.import_tasks(project, [{"image": ls.local_file_url(f"loop/{i}.png")} for i in range(14)])
+        project, ids, shapes = shapes_project(ls, "loop", 14, seed=11, title="annoloop loop")
         ls.connect_ml_backend(project, backend.url, title="annoloop")
         ls.request_predictions(project)
         assert {p["model_version"] for t in ids for p in ls.predictions(t)} == {"starter"}
@@ -148,6 +75,4 @@ def test_annotations_retrain_and_the_backend_serves_the_new_version(
             assert promoted.version in versions, (task_id, versions)
         assert ls.ml_backends(project)[0]["model_version"] == promoted.version
     finally:
-        worker.terminate()
-        worker.wait(30)
-        backend.stop()
+        loop.stop()

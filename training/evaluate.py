@@ -46,7 +46,11 @@ IOU_MATCH = 0.5
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of xyxy boxes: (n, 4) x (m, 4) -> (n, m). Works in any units, normalised included."""
+    """Pairwise IoU of xyxy boxes: (n, 4) x (m, 4) -> (n, m), in any units, normalised included.
+
+    Not ultralytics' ``metrics.box_iou``: its epsilon in the denominator turns an IoU of exactly 0.5 into a
+    miss, and the TP/FP/FN counts here treat the 0.5 threshold as inclusive.
+    """
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
