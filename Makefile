@@ -33,18 +33,10 @@ lint: $(VENV)/.installed
 test: install lint
 	$(VENV)/bin/pytest -ra
 
-demo: install  ## train (once, cached) the starter model on generated shapes and serve it
-	$(VENV)/bin/annoloop starter-model
-	@echo
-	@echo "annoloop ML backend on http://127.0.0.1:9090 (Ctrl-C stops it). To use it from Label Studio:"
-	@echo "  1. Run this with your server and key: LABEL_STUDIO_URL=http://localhost:8080 LABEL_STUDIO_API_KEY=<token> make demo"
-	@echo "     (the backend downloads task images from Label Studio with that key)."
-	@echo "  2. Label Studio >= 1.23.1 must run with ML_BLOCK_LOCAL_IP=false SSRF_PROTECTION_ENABLED=false to reach a local backend."
-	@echo "  3. Create an image project whose labeling config has RectangleLabels with labels circle, square, triangle,"
-	@echo "     then Settings > Model > Connect Model, URL http://127.0.0.1:9090."
-	@echo "  Images to try it on: .venv/bin/annoloop sample-images --out demo-images --count 20"
-	@echo
-	$(VENV)/bin/annoloop serve --host 127.0.0.1 --port 9090
+# The whole loop on this machine (no Docker): Redis, Label Studio, backend, worker, scheduled sync, and a simulated
+# annotator for a few rounds; then it keeps running for you. DEMO_DATA=path/to/voc-folder uses your images.
+demo: install
+	$(VENV)/bin/annoloop demo $(DEMO_ARGS)
 
 bench: install
 	$(VENV)/bin/python bench/predict_overhead.py

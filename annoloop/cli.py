@@ -114,7 +114,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "burst": args.burst,
         },
     )
-    worker = Worker([training_queue(conn, settings.training)], connection=conn, name=args.name)
+    from sync.queue import sync_queue
+
+    # Training first: a sync waits for the training in front of it, never the other way round.
+    queues = [training_queue(conn, settings.training), sync_queue(conn)]
+    worker = Worker(queues, connection=conn, name=args.name)
     worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
     log.info("worker stopped", extra={"queue": QUEUE_NAME, "worker": worker.name})
     return 0
@@ -247,7 +251,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import redis
 
     from annoloop.model_store import ModelStore
-    from training.convergence import ConvergenceRules, decide, history_path, read_history
+    from training.convergence import ConvergenceRules, decide, history_path, prelabel_summary, read_history
     from training.trigger import project_state
 
     settings = _settings()
@@ -255,9 +259,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"project {args.project}")
     print(f"  served model:  {served.version + ' (' + served.project + ')' if served else 'none'}")
     history = read_history(history_path(settings.model_dir, args.project))
-    decision = decide(history, ConvergenceRules())
+    decision = decide(history, ConvergenceRules(**settings.training.convergence.model_dump()))
     print(f"  trainings:     {len(history)} ({sum(r.promoted for r in history)} promoted)")
     print(f"  retraining:    {'continues' if decision.keep_training else 'stopped'}: {decision.reason}")
+    reviewed = next((s for r in reversed(history) if (s := prelabel_summary(r))), "")
+    if reviewed:
+        print(f"  pre-labels:    {reviewed}")
     try:
         state = project_state(redis.Redis.from_url(settings.redis_url, socket_timeout=2), args.project)
     except redis.RedisError as e:
@@ -288,6 +295,174 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(text: str) -> float:
+    """``90``, ``30s``, ``10m``, ``2h`` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 10m, 1h)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the interval must be positive")
+    return value
+
+
+class _SyncProgress:
+    """One line per scored page on stderr, so a long first sync shows it is moving."""
+
+    def __init__(self, project: str, stream=sys.stderr):
+        self.project = project
+        self.stream = stream
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        what = "labeled tasks embedded" if stage == "labeled" else "unlabeled tasks scored"
+        print(f"  project {self.project}: {done} {what}", file=self.stream, flush=True)
+
+
+def _sync_projects(args: argparse.Namespace, settings: Settings) -> list[str]:
+    if args.project:
+        return [str(p) for p in args.project]
+    from annoloop.labelstudio import LabelStudioAccess
+    from sync.labelstudio_io import explain
+
+    access = LabelStudioAccess(settings.label_studio)
+    try:
+        return [str(p.id) for p in access.client.projects.list()]
+    except Exception as e:
+        raise explain(access, e, "listing projects") from None
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Rank the unlabeled pool and order Label Studio's queue; once, or every --every."""
+    import time
+
+    from annoloop.logs import configure_logging
+
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    settings = _settings()
+    configure_logging(settings.log_level)
+    if not args.project and not args.all:
+        print("annoloop sync: name --project ID (repeatable) or --all", file=sys.stderr)
+        return 2
+    if args.every is not None:
+        import signal
+
+        # `docker stop` sends SIGTERM: stop like Ctrl-C. A sync cut short leaves the queue on its last version.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        while True:
+            failures = _sync_round(args, settings)
+            if args.every is None:
+                return 1 if failures else 0
+            time.sleep(args.every)
+    except KeyboardInterrupt:
+        print("annoloop sync: stopped", file=sys.stderr)
+        return 0 if args.every is not None else 130
+
+
+def _sync_round(args: argparse.Namespace, settings: Settings) -> int:
+    """Sync every selected project once; a project that fails is reported and the others still run."""
+    from sync.job import sync_project
+    from sync.labelstudio_io import SyncError
+
+    failures = 0
+    try:
+        projects = _sync_projects(args, settings)
+    except SyncError as e:
+        print(f"annoloop sync: {e}", file=sys.stderr)
+        return 1
+    for project in projects:
+        try:
+            summary = sync_project(
+                project,
+                settings,
+                dry_run=args.dry_run,
+                limit=args.limit,
+                plot=Path(args.plot) if args.plot else None,
+                top=args.top if args.top is not None else (20 if args.dry_run else 10),
+                progress=_SyncProgress(project) if not args.quiet else lambda *a: None,
+            )
+        except SyncError as e:
+            print(f"annoloop sync: project {project}: {e}", file=sys.stderr)
+            failures += 1
+            continue
+        print("\n".join(summary.lines()), flush=True)
+    return failures
+
+
+def _access(settings: Settings):
+    from annoloop.labelstudio import LabelStudioAccess
+
+    return LabelStudioAccess(settings.label_studio, timeout_s=120.0)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Import a VOC / YOLO / COCO folder's images as tasks; boxes kept aside unless --as-annotations."""
+    from annoloop.datasets import DatasetFormatError, read_dataset
+    from annoloop.model_store import ModelStore
+    from annoloop.project_setup import SetupError, import_dataset
+
+    settings = _settings()
+    try:
+        dataset = read_dataset(args.format, Path(args.path))
+    except DatasetFormatError as e:
+        print(f"annoloop import: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.format} dataset {args.path}: {len(dataset.images)} images, labels {', '.join(dataset.labels)}",
+        flush=True,
+    )
+
+    def progress(done: int, total: int) -> None:
+        print(f"  {done}/{total} images imported", file=sys.stderr, flush=True)
+
+    try:
+        report = import_dataset(
+            _access(settings),
+            dataset,
+            project=int(args.project) if args.project else None,
+            create_title=args.create,
+            storage=args.storage,
+            document_root=Path(args.document_root) if args.document_root else None,
+            as_annotations=args.as_annotations,
+            ground_truth_dir=None,
+            splits=set(args.split) if args.split else None,
+            progress=progress,
+            ground_truth_root=ModelStore(settings.model_dir).root,
+        )
+    except SetupError as e:
+        print(f"annoloop import: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(report.lines()))
+    return 0
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    """Connect the ML backend to a project (webhook with basic auth when configured) + uncertainty sampling."""
+    from annoloop.project_setup import SetupError, connect_backend
+
+    settings = _settings()
+    auth = settings.basic_auth
+    basic = (auth.user, auth.password.get_secret_value()) if auth.enabled else None
+    try:
+        report = connect_backend(_access(settings), int(args.project), args.url, args.title, basic)
+    except SetupError as e:
+        print(f"annoloop connect: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(report.lines()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from annoloop.demo import run_demo
+
+    return run_demo(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="annoloop", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -313,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_sample_images)
 
     w = sub.add_parser(
-        "worker", help="run a worker for the training queue (uses the GPU when torch sees one)"
+        "worker", help="run a worker for the training and sync queues (uses the GPU when torch sees one)"
     )
     w.add_argument("--burst", action="store_true", help="run the jobs queued now, then exit")
     w.add_argument("--name", default=None, help="worker name (default: rq's random one)")
@@ -340,6 +515,92 @@ def build_parser() -> argparse.ArgumentParser:
         "jobs (and can use CUDA); with --wait, shows its progress",
     )
     t.set_defaults(func=cmd_train)
+
+    sy = sub.add_parser(
+        "sync",
+        help="rank the unlabeled tasks and order Label Studio's annotation queue",
+        description="Score every unlabeled task with the served model (cached per model version and image), "
+        "rank by uncertainty, diversity and class balance, import the ranking as predictions and point the "
+        "project's uncertainty sampling at them. Exit status: 0 done, 1 a project could not be synced "
+        "(one line says why), 2 bad arguments.",
+    )
+    sy.add_argument("--project", type=_project_id, action="append", help="project id (repeatable)")
+    sy.add_argument("--all", action="store_true", help="every project the API key can see")
+    sy.add_argument("--dry-run", action="store_true", help="print the ranking, write nothing")
+    sy.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="rank only the N oldest unlabeled tasks"
+    )
+    sy.add_argument(
+        "--every", type=_duration, default=None, metavar="INTERVAL", help="repeat (e.g. 10m) until stopped"
+    )
+    sy.add_argument(
+        "--plot", default=None, metavar="PATH", help="write the uncertainty / queue make-up plot (PNG)"
+    )
+    sy.add_argument("--top", type=int, default=None, metavar="N", help="how much of the ranking to print")
+    sy.add_argument("--quiet", action="store_true", help="no progress lines")
+    sy.set_defaults(func=cmd_sync)
+
+    im = sub.add_parser(
+        "import",
+        help="import a VOC / YOLO / COCO folder's images as tasks (boxes kept aside unless --as-annotations)",
+    )
+    im.add_argument("path", help="dataset folder")
+    im.add_argument("--format", required=True, choices=["voc", "yolo", "coco"])
+    target = im.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--project", type=_project_id, help="existing project (its config must have the labels)"
+    )
+    target.add_argument("--create", metavar="TITLE", help="create a project with a box config of the labels")
+    im.add_argument("--as-annotations", action="store_true", help="import the boxes as annotations")
+    im.add_argument("--split", action="append", help="only images of this dataset split (repeatable)")
+    im.add_argument(
+        "--storage",
+        choices=["upload", "local-files"],
+        default="upload",
+        help="upload copies (default), or serve the files in place (Label Studio's local-files storage)",
+    )
+    im.add_argument(
+        "--document-root", help="the server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (local-files)"
+    )
+    im.set_defaults(func=cmd_import)
+
+    cn = sub.add_parser(
+        "connect", help="connect the ML backend to a project and turn on uncertainty sampling"
+    )
+    cn.add_argument("--project", required=True, type=_project_id)
+    cn.add_argument("--url", required=True, help="the backend's URL as Label Studio reaches it")
+    cn.add_argument("--title", default="annoloop")
+    cn.set_defaults(func=cmd_connect)
+
+    dm = sub.add_parser(
+        "demo",
+        help="the whole loop on this machine: Redis, Label Studio, backend, worker, sync, a simulated annotator",
+    )
+    dm.add_argument("--data", default=os.environ.get("DEMO_DATA") or None, help="VOC / YOLO / COCO folder")
+    dm.add_argument("--format", default=os.environ.get("DEMO_FORMAT", "voc"), choices=["voc", "yolo", "coco"])
+    dm.add_argument("--workdir", default=str(Path.home() / ".cache" / "annoloop" / "demo"))
+    dm.add_argument("--title", default="annoloop demo")
+    dm.add_argument("--images", type=int, default=240, help="size of the built-in image set")
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--rounds", type=int, default=3, help="annotator rounds to play before handing over")
+    dm.add_argument(
+        "--per-round", type=int, default=20, help="labels per round (= training.min_new_annotations)"
+    )
+    dm.add_argument("--imgsz", type=int, default=None, help="training image size (default: 160, BCCD 320)")
+    dm.add_argument("--base-epochs", type=int, default=30)
+    dm.add_argument("--finetune-epochs", type=int, default=10)
+    dm.add_argument("--sync-every", default="2m")
+    dm.add_argument("--round-timeout", type=float, default=1800.0)
+    dm.add_argument("--ls-port", type=int, default=8080, help="Label Studio port (a free one if taken)")
+    dm.add_argument("--backend-port", type=int, default=9090)
+    dm.add_argument("--no-keep", dest="keep", action="store_false", help="stop everything after the rounds")
+    dm.add_argument(
+        "--starter",
+        action="store_true",
+        help="serve the generated-shapes starter model from the start (else: cold start, first model trained "
+        "from the first labels)",
+    )
+    dm.set_defaults(func=cmd_demo)
 
     ms = sub.add_parser("models", help="list a project's model versions with their held-out metrics")
     ms.add_argument("--project", required=True, type=_project_id)

@@ -9,8 +9,10 @@ so we use its client for both the API and the headers of image downloads.
 from __future__ import annotations
 
 import threading
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+import httpx
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
@@ -36,6 +38,10 @@ class LabelStudioAccess:
         self._timeout_s = timeout_s
         self._client: LabelStudio | None = None
         self._lock = threading.Lock()
+        self.api_calls = 0  # HTTP requests made through the client (token refreshes included)
+
+    def _count(self, _request: httpx.Request) -> None:
+        self.api_calls += 1
 
     @property
     def configured(self) -> bool:
@@ -49,8 +55,11 @@ class LabelStudioAccess:
         with self._lock:
             if self._client is None:
                 try:
+                    http = httpx.Client(
+                        timeout=self._timeout_s, follow_redirects=True, event_hooks={"request": [self._count]}
+                    )
                     self._client = LabelStudio(
-                        base_url=self.url, api_key=self._api_key, timeout=self._timeout_s
+                        base_url=self.url, api_key=self._api_key, timeout=self._timeout_s, httpx_client=http
                     )
                 except ApiError as e:
                     detail = e.body.get("detail") if isinstance(e.body, dict) else e.body
@@ -62,6 +71,20 @@ class LabelStudioAccess:
         # The SDK keeps token handling in its client wrapper; reuse it rather than re-implement the exchange.
         headers = self.client._client_wrapper.get_headers()
         return {"Authorization": headers["Authorization"]}
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """A raw API call (``path`` relative to the server, e.g. ``api/projects/3``) for what the SDK lacks,
+        with the SDK's credentials and counted like its calls; httpx keywords (json, params, files, timeout).
+        Raises ApiError on 4xx/5xx, like the SDK."""
+        http = self.client._client_wrapper.httpx_client.httpx_client  # the httpx.Client we gave the SDK
+        response = http.request(method, self.absolute(path), headers=self.auth_headers(), **kwargs)
+        if response.status_code >= 400:
+            try:
+                body: Any = response.json()
+            except ValueError:
+                body = response.text
+            raise ApiError(status_code=response.status_code, headers=dict(response.headers), body=body)
+        return response
 
     def owns(self, url: str) -> bool:
         """True when ``url`` points at this Label Studio server (only then do we send it our token)."""

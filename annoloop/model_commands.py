@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from annoloop.model_store import ModelStore, ModelStoreError
+from annoloop.model_store import ModelStore, ModelStoreError, ModelVersion
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,9 @@ class VersionRow:
     parent: str | None
     created: str | None
     metrics: dict[str, float]
+    #: What annotators did to this version's pre-labels while it was served (``training.prelabel_review``:
+    #: predicted, accepted, corrected, rejected, added, rates), as the latest later training measured it.
+    prelabel: dict[str, Any] = field(default_factory=dict)
 
 
 def _metric(meta: dict[str, Any], name: str) -> float | None:
@@ -29,11 +32,27 @@ def _parent(meta: dict[str, Any]) -> str | None:
     return parent.get("version") if isinstance(parent, dict) else None
 
 
+def prelabel_reviews(cards: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Version -> its pre-label review, from the ``prelabel_review`` of the model cards of later trainings.
+
+    Why the latest card wins: each training counts every annotation made from a version's pre-labels so far,
+    so a later card holds the same annotations and the ones made since.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for meta in sorted(cards, key=lambda m: str(m.get("created_at") or "")):
+        versions = (meta.get("prelabel_review") or {}).get("versions") or {}
+        out.update({str(v): stats for v, stats in versions.items() if isinstance(stats, dict)})
+    return out
+
+
 def list_versions(store: ModelStore, project: str) -> list[VersionRow]:
     current = store.current(project)
+    published: list[tuple[ModelVersion, dict[str, Any]]] = [
+        (mv, mv.metadata()) for mv in store.versions(project)
+    ]
+    reviews = prelabel_reviews([m for _, m in published] + [mv.metadata() for mv in store.rejected(project)])
     rows = []
-    for mv in store.versions(project):
-        meta = mv.metadata()
+    for mv, meta in published:
         metrics = {
             k: v
             for k in ("mAP50", "mAP50-95", "precision", "recall", "f1")
@@ -46,19 +65,31 @@ def list_versions(store: ModelStore, project: str) -> list[VersionRow]:
                 _parent(meta),
                 meta.get("created_at"),
                 metrics,
+                reviews.get(mv.version, {}),
             )
         )
     return rows
 
 
 def format_versions(rows: list[VersionRow]) -> str:
+    """The table ``annoloop models`` prints. ``reviewed``: this version's pre-labels annotators have reviewed
+    since it was served; ``kept``: the share they accepted (same label, IoU >= 0.9)."""
     if not rows:
         return "no versions"
     names = ["mAP50", "mAP50-95", "precision", "recall", "f1"]
-    lines = [f"{'':1} {'version':<28} {'parent':<28} " + " ".join(f"{n:>9}" for n in names)]
+    lines = [
+        f"{'':1} {'version':<28} {'parent':<28} "
+        + " ".join(f"{n:>9}" for n in names)
+        + f" {'reviewed':>9} {'kept':>6}"
+    ]
     for r in rows:
         vals = " ".join(f"{r.metrics[n]:>9.3f}" if n in r.metrics else f"{'-':>9}" for n in names)
-        lines.append(f"{'*' if r.current else ' '} {r.version:<28} {r.parent or '-':<28} {vals}")
+        reviewed = r.prelabel.get("predicted")
+        rate = r.prelabel.get("acceptance_rate")
+        review = f" {reviewed if reviewed is not None else '-':>9} " + (
+            f"{rate:>6.0%}" if isinstance(rate, int | float) else f"{'-':>6}"
+        )
+        lines.append(f"{'*' if r.current else ' '} {r.version:<28} {r.parent or '-':<28} {vals}{review}")
     return "\n".join(lines)
 
 

@@ -4,6 +4,8 @@ Layout: ``MODEL_DIR/<project>/<version>/model.pt`` (+ ``metadata.json``) and ``M
 a one-line file naming the served version. Projects without their own model are served
 ``MODEL_DIR/default/``. The pointer is replaced atomically (write + ``os.replace``), so readers see either
 the old or the new version, never a half-written one; a version folder is complete before it is pointed at.
+A trained candidate that was not promoted keeps only its model card, in
+``MODEL_DIR/<project>/rejected/<version>/metadata.json``, written the same all-or-nothing way.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ DEFAULT_PROJECT = "default"
 WEIGHTS_NAME = "model.pt"
 METADATA_NAME = "metadata.json"
 POINTER_NAME = "current"
+REJECTED_DIR = "rejected"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -50,6 +54,15 @@ def _check_name(kind: str, name: str) -> str:
     return name
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a crash right after must not undo it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -61,6 +74,37 @@ def _atomic_write(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _write_folder(target: Path, files: dict[str, bytes]) -> None:
+    """Create ``target`` holding ``files`` (name -> bytes), all or nothing.
+
+    Why: a version folder (or a rejected card) may be read by another process at any moment and a training
+    may be killed at any moment, so nothing may ever appear under its final name half-written. The files are
+    written and fsynced in a hidden temporary folder beside ``target`` (same file system), which is then
+    renamed into place in one step; on any failure the temporary folder is removed. Hidden names
+    (``.<name>.*``) are not valid version names, so listings never see them.
+    """
+    if target.exists():
+        raise ModelStoreError(f"{target} already exists")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _card_bytes(metadata: dict[str, Any]) -> bytes:
+    return json.dumps(metadata, indent=2, default=str).encode()
 
 
 class ModelStore:
@@ -132,16 +176,37 @@ class ModelStore:
         mv = self.version(project, version)
         if mv.path.exists():
             raise ModelStoreError(f"version {version!r} of project {project!r} already exists")
-        mv.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=mv.path.parent, prefix=f".{version}."))
-        try:
-            data = Path(weights).read_bytes()
-            (tmp / WEIGHTS_NAME).write_bytes(data)
-            (tmp / METADATA_NAME).write_text(json.dumps(metadata, indent=2, default=str))
-            os.rename(tmp, mv.path)
-        except BaseException:
-            for f in tmp.glob("*"):
-                f.unlink()
-            tmp.rmdir()
-            raise
+        _write_folder(
+            mv.path, {WEIGHTS_NAME: Path(weights).read_bytes(), METADATA_NAME: _card_bytes(metadata)}
+        )
         return self.set_current(project, version)
+
+    def record_rejected(self, project: str, version: str, metadata: dict[str, Any]) -> ModelVersion:
+        """Keep the model card of a candidate that was not promoted: ``<project>/rejected/<version>/``.
+
+        No weights (a rejected candidate is never served, and weights are most of a version's size), and the
+        pointer does not move. Written all or nothing like :meth:`publish`. Returns where the card lies
+        (``.metadata()`` reads it back; ``.weights`` does not exist).
+        """
+        _check_name("project", project)
+        mv = ModelVersion(
+            project, version, self.root / project / REJECTED_DIR / _check_name("version", version)
+        )
+        if mv.path.exists():
+            raise ModelStoreError(f"rejected version {version!r} of project {project!r} already exists")
+        _write_folder(mv.path, {METADATA_NAME: _card_bytes(metadata)})
+        return mv
+
+    def rejected(self, project: str) -> list[ModelVersion]:
+        """Cards of the project's rejected candidates, oldest first (version names sort by age)."""
+        folder = self.root / _check_name("project", project) / REJECTED_DIR
+        if not folder.is_dir():
+            return []
+        return sorted(
+            (
+                ModelVersion(project, p.name, p)
+                for p in folder.iterdir()
+                if p.is_dir() and _SAFE_NAME.match(p.name) and (p / METADATA_NAME).is_file()
+            ),
+            key=lambda v: v.version,
+        )

@@ -143,6 +143,28 @@ class TrainingSettings(_Section):
         return v
 
 
+class RankingSettings(_Section):
+    uncertainty_weight: float = Field(1.0, ge=0.0)
+    class_balance_weight: float = Field(0.5, ge=0.0)
+    candidate_multiplier: int = Field(4, ge=1)
+    batch_size: int = Field(20, ge=1)
+    diverse_batches: int = Field(3, ge=0)
+    exploration_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    clusters: int = Field(8, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+class SyncSettings(_Section):
+    page_size: int = Field(500, ge=1, le=10000)
+    batch_size: int = Field(32, ge=1, le=1024)
+    import_chunk: int = Field(1000, ge=1, le=100000)
+    view_title: str = Field("annoloop: next to label", min_length=1)
+    cold_start_version: str = Field("cold-start", pattern=r"^[A-Za-z0-9._-]+$")
+    keep_versions: int = Field(1, ge=1)
+    after_promotion: bool = True
+    ranking: RankingSettings = RankingSettings()
+
+
 class Settings(_Section):
     label_studio: LabelStudioSettings = LabelStudioSettings()
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -154,6 +176,7 @@ class Settings(_Section):
     images: ImageSettings = ImageSettings()
     uncertainty: UncertaintySettings = UncertaintySettings()
     training: TrainingSettings = TrainingSettings()
+    sync: SyncSettings = SyncSettings()
 
     @field_validator("redis_url")
     @classmethod

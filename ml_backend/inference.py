@@ -29,6 +29,7 @@ class Detections:
     class_scores: np.ndarray | None  # (n, k) per-class scores before NMS; None for end-to-end heads
     polygons: list[np.ndarray] | None = None  # segment: (m, 2) pixel points per region
     probs: np.ndarray | None = None  # classify: (k,) class probabilities
+    embedding: np.ndarray | None = None  # (d,) pooled backbone features, when asked for
 
 
 class _ClassScores:

@@ -44,8 +44,12 @@ class LoadedModel:
         self.predict([np.full((64, 64, 3), 114, np.uint8)])  # warm up before serving
         self.load_seconds = time.perf_counter() - started
 
-    def predict(self, images: list[np.ndarray]) -> list[Detections]:
-        """One batched call over BGR images, down to the lower of the two confidence thresholds."""
+    def predict(self, images: list[np.ndarray], embed: bool = False) -> list[Detections]:
+        """One batched call over BGR images, down to the lower of the two confidence thresholds.
+
+        ``embed`` also returns each image's pooled backbone features (for the sync's diversity ranking),
+        taken from the same forward pass rather than a second one.
+        """
         if not images:
             return []
         s = self._settings
@@ -53,9 +57,37 @@ class LoadedModel:
         kwargs["conf"] = min(s.uncertainty_conf, s.prelabel_conf)
         if s.imgsz:
             kwargs["imgsz"] = s.imgsz
+        pooled: list[torch.Tensor] = []
         with self._lock:
-            results = self._yolo.predict(images, predictor=PREDICTORS.get(self.task), **kwargs)
-        return [to_detections(r) for r in results]
+            hook = self._embedding_layer().register_forward_hook(_pool_into(pooled)) if embed else None
+            try:
+                results = self._yolo.predict(images, predictor=PREDICTORS.get(self.task), **kwargs)
+            finally:
+                if hook is not None:
+                    hook.remove()
+        detections = [to_detections(r) for r in results]
+        if embed:
+            features = torch.cat(pooled).float().cpu().numpy() if pooled else np.zeros((0, 0), np.float32)
+            if len(features) != len(detections):
+                raise RuntimeError(f"{len(features)} embeddings for {len(detections)} images")
+            for det, vec in zip(detections, features, strict=True):
+                det.embedding = vec
+        return detections
+
+    def _embedding_layer(self) -> torch.nn.Module:
+        """The last backbone layer of the network the predictor runs (ultralytics runs a fused deep copy)."""
+        from ultralytics.nn.tasks import BaseModel
+
+        predictor = self._yolo.predictor
+        backend = getattr(predictor, "model", None)
+        # AutoBackend keeps the torch network on its PyTorch backend (ultralytics 8.4), or on itself (older).
+        root = getattr(getattr(backend, "backend", None), "model", None) or getattr(backend, "model", None)
+        net = root if isinstance(root, BaseModel) else None
+        if net is None:
+            raise RuntimeError(f"no ultralytics network found in {type(root).__name__}")
+        layers = net.model
+        backbone = len((getattr(net, "yaml", None) or {}).get("backbone") or []) or len(layers) - 1
+        return layers[min(backbone, len(layers)) - 1]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -65,6 +97,16 @@ class LoadedModel:
             "device": self.device,
             "source_project": self.project,
         }
+
+
+def _pool_into(out: list[torch.Tensor]) -> Callable[..., None]:
+    """Forward hook: global-average-pool a (B, C, H, W) feature map into (B, C)."""
+
+    def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        x = output[0] if isinstance(output, (list, tuple)) else output
+        out.append(x.detach().float().mean(dim=(2, 3)) if x.dim() == 4 else x.detach().float().flatten(1))
+
+    return hook
 
 
 Loader = Callable[[ModelVersion], LoadedModel]

@@ -34,6 +34,7 @@ class TaskOutcome:
     score: float | None = None
     uncertainty: float | None = None
     error: str | None = None
+    embedding: np.ndarray | None = None  # pooled backbone features, when asked for (the sync's diversity)
 
 
 def uncertainty_config(settings: Settings) -> unc.UncertaintyConfig:
@@ -71,14 +72,14 @@ def task_image_url(task: Any, control: Control) -> str:
 
 
 class PredictService:
-    def __init__(self, settings: Settings, registry: ModelRegistry, fetcher: ImageFetcher):
+    def __init__(self, settings: Settings, registry: ModelRegistry | None, fetcher: ImageFetcher):
         self.settings = settings
         self.registry = registry
         self.fetcher = fetcher
         self._ucfg = uncertainty_config(settings)
 
     def model_for(self, project: str) -> LoadedModel | None:
-        return self.registry.holder(project).get()
+        return self.registry.holder(project).get() if self.registry is not None else None
 
     def output_spec(self, label_config: str, model: LoadedModel) -> OutputSpec:
         try:
@@ -86,19 +87,25 @@ class PredictService:
         except LabelConfigError as e:
             raise BadRequest(str(e)) from None
 
-    def _predict_chunk(
-        self, model: LoadedModel, spec: OutputSpec, images: dict[int, np.ndarray], outcomes: list[TaskOutcome]
+    def predict_images(
+        self,
+        model: LoadedModel,
+        spec: OutputSpec,
+        images: dict[int, np.ndarray],
+        outcomes: list[TaskOutcome],
+        embed: bool = False,
     ) -> None:
+        """One model call over decoded ``images`` (keyed by their index in ``outcomes``), filling outcomes."""
         inf = self.settings.inference
         try:
-            detections: list[Detections | Exception] = list(model.predict(list(images.values())))
+            detections: list[Detections | Exception] = list(model.predict(list(images.values()), embed=embed))
         except Exception:
             # Find the image that broke the batch: predict one by one so only that task fails.
             log.exception("batched inference failed; retrying image by image")
             detections = []
             for image in images.values():
                 try:
-                    detections.append(model.predict([image])[0])
+                    detections.append(model.predict([image], embed=embed)[0])
                 except Exception as e:
                     detections.append(e)
         for i, det in zip(images, detections, strict=True):
@@ -109,6 +116,7 @@ class PredictService:
             outcomes[i].result = to_results(det, spec, inf.prelabel_conf)
             outcomes[i].uncertainty = u.value
             outcomes[i].score = unc.task_score(u.value)
+            outcomes[i].embedding = det.embedding
 
     def setup(self, project: str, label_config: str) -> str | None:
         """Validate the config against the served model; return its version (None when there is no model)."""
@@ -135,7 +143,18 @@ class PredictService:
         model = self.model_for(project)  # one reference for the whole request, whatever swaps meanwhile
         if model is None:
             return None, [TaskOutcome(error="no model is loaded for this project") for _ in tasks]
-        spec = self.output_spec(label_config, model)
+        return model.version, self.predict_with(model, self.output_spec(label_config, model), project, tasks)
+
+    def predict_with(
+        self,
+        model: LoadedModel,
+        spec: OutputSpec,
+        project: str,
+        tasks: list[Any],
+        embed: bool = False,
+        batch_size: int | None = None,
+    ) -> list[TaskOutcome]:
+        """Predict ``tasks`` with one given model (the sync pins one for a whole run); see :meth:`predict`."""
         started = time.perf_counter()
 
         outcomes = [TaskOutcome() for _ in tasks]
@@ -149,7 +168,7 @@ class PredictService:
         # memory stays flat however many tasks arrive; each chunk is one batched model call.
         fetch_s = 0.0
         pending = list(urls.items())
-        size = self.settings.inference.batch_size
+        size = batch_size or self.settings.inference.batch_size
         for start in range(0, len(pending), size):
             chunk = pending[start : start + size]
             t = time.perf_counter()
@@ -161,7 +180,7 @@ class PredictService:
                     outcomes[i].error = str(got)
                 else:
                     images[i] = got
-            self._predict_chunk(model, spec, images, outcomes)
+            self.predict_images(model, spec, images, outcomes, embed)
 
         failed = [
             (task.get("id") if isinstance(task, dict) else None, o.error)
@@ -181,4 +200,4 @@ class PredictService:
                 "total_ms": round((time.perf_counter() - started) * 1000, 1),
             },
         )
-        return model.version, outcomes
+        return outcomes

@@ -222,7 +222,7 @@ def start_backend(workdir: Path, env: dict[str, str], port: int | None = None) -
 def label_studio(tmp_path_factory):
     """One real Label Studio per session. Migrations take about a minute; the migrated empty database is
     cached next to the test models so later sessions start in seconds."""
-    from tests.labelstudio_server import label_studio_version, start_label_studio
+    from annoloop.labelstudio_server import label_studio_version, start_label_studio
 
     venv = REPO / ".ls-venv"
     template = None

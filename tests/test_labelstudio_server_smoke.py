@@ -1,4 +1,4 @@
-"""Smoke test for the real-Label-Studio test harness (``tests/labelstudio_server.py``).
+"""Smoke test for the real-Label-Studio test harness (``annoloop/labelstudio_server.py``).
 
 Why: every integration test of the ML backend builds on this harness; if starting the server,
 authenticating with the generated token, creating a project or importing local-file tasks
@@ -13,7 +13,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.labelstudio_server import (
+from annoloop.labelstudio_server import (
     RECTANGLE_LABEL_CONFIG,
     LabelStudioServer,
 )

@@ -31,7 +31,7 @@ from tests.conftest import REPO, free_port, publish
 from training.dataset import ImageCache, build_dataset, split_of
 from training.export import LabelStudioUnavailable, ProjectNotFound, export_project
 from training.fit import plan_run
-from training.jobs import REJECTED_DIR, decide, run_training
+from training.jobs import REJECTED_DIR, InvalidProject, decide, run_training
 from training.synthetic import render_scene
 
 SHAPES_CONFIG = """<View><Image name="image" value="$image"/>
@@ -256,6 +256,8 @@ def test_project_that_does_not_exist(label_studio, tmp_path):
     settings = settings_for(label_studio, tmp_path / "models")
     with pytest.raises(ProjectNotFound, match="project 987654 does not exist"):
         run_training("987654", settings)
+    with pytest.raises(InvalidProject, match="must be a Label Studio project id, got 'abc'"):
+        run_training("abc", settings)
 
 
 # --- the job --------------------------------------------------------------------------------------------
@@ -295,6 +297,12 @@ def test_first_model_is_published_then_a_candidate_that_is_not_better_is_rejecte
     assert all(split_of(t, 0.25) == "holdout" for t in holdout_ids)
     cand = card["metrics"]["candidate"]
     assert cand["images"] == len(holdout_ids) and set(cand["per_class"]) == set(LABELS)
+    # The same scores on the training split (all of it: fewer than the 200-image sample bound).
+    train_metrics = card["metrics"]["train"]
+    assert train_metrics["images"] == len(train_ids) and train_metrics["objects"] > 0
+    assert 0.0 <= train_metrics["overall"]["mAP50"] <= 1.0
+    assert first["metrics"]["train"]["mAP50"] == train_metrics["overall"]["mAP50"]
+    assert card["prelabel_review"]["versions"] == {}  # annotated through the API from scratch: no pre-labels
     assert {"precision", "recall", "f1", "mAP50", "mAP50-95", "tp", "fp", "fn"} <= set(cand["overall"])
     assert cand["overall"]["tp"] + cand["overall"]["fn"] == cand["objects"] > 0
     assert set(card["error_analysis"]["candidate"]) >= {"fn_by_class", "fn_by_size", "fn_by_cell", "fp_kinds"}
@@ -317,7 +325,13 @@ def test_first_model_is_published_then_a_candidate_that_is_not_better_is_rejecte
     # max_versions 1: after this training, the convergence rules stop automatic retraining.
     config.write_text(
         yaml.safe_dump(
-            {"training": {**TINY_TRAINING, "min_improvement": 1e9, "convergence": {"max_versions": 1}}}
+            {
+                "training": {
+                    **TINY_TRAINING,
+                    "min_improvement": 1e9,
+                    "convergence": {"max_versions": 1, "max_overfit_gap": None},
+                }
+            }
         )
     )
     for var, value in {
@@ -358,19 +372,33 @@ def test_first_model_is_published_then_a_candidate_that_is_not_better_is_rejecte
     meta = job.get_meta(refresh=True)
     assert meta["progress"]["stage"] == "done" and meta["epochs_done"] == 2
     assert set(meta["stage_seconds"]) == {"export", "dataset", "train", "evaluate", "publish"}
-    history = [json.loads(line) for line in (model_dir / project / "history.jsonl").read_text().splitlines()]
-    assert [(h["version"], h["promoted"]) for h in history] == [
-        (first["version"], True),
-        (result["version"], False),
-    ]
-    # The job went through the trigger (running -> idle) and the convergence tracking (CSV row, pause).
+    # One history file: a row per training, whether run by the queue or not (no attempt log beside it).
     from training.convergence import history_path, read_history
     from training.trigger import project_state
 
-    (row,) = read_history(history_path(model_dir, project))
-    assert (row.version, row.promoted) == (result["version"], False)
+    assert not (model_dir / project / "history.jsonl").exists()
+    first_row, row = read_history(history_path(model_dir, project))
+    assert (first_row.version, first_row.promoted, row.version, row.promoted) == (
+        first["version"],
+        True,
+        result["version"],
+        False,
+    )
+    assert first_row.data_fingerprint == card["data_fingerprint"] and first_row.parent == ""
+    assert row.data_fingerprint == rcard["data_fingerprint"] and row.parent == f"{project}/{first['version']}"
     assert row.labeled_tasks == len(train_ids) + len(holdout_ids)
     assert row.heldout_map50 == pytest.approx(result["metrics"]["candidate"]["mAP50"])
+    # The training-split mAP50 the overfitting rule needs is there, from the same evaluation code.
+    assert row.train_map50 == pytest.approx(rcard["metrics"]["train"]["overall"]["mAP50"])
+    assert row.train_map50 is not None and first_row.train_map50 is not None
+    assert (row.metric, row.candidate, row.current) == (
+        "mAP50",
+        result["metrics"]["candidate"]["mAP50"],
+        rcard["metrics"]["current"]["overall"]["mAP50"],
+    )
+    assert "< min_improvement" in row.reason and row.model_card == str(rejected / "metadata.json")
+    assert row.prelabel_version == "" and row.prelabel_predicted is None  # no pre-labels were reviewed
+    # The job went through the trigger (running -> idle) and the convergence tracking (pause).
     assert result["convergence"]["keep_training"] is False
     state = project_state(conn, project)
     assert state["state"] == "idle" and state["paused"].startswith("version budget spent")
@@ -471,3 +499,101 @@ def test_killed_mid_training_leaves_the_served_model_untouched(
     else:
         assert store.current(project) is None and card_path.parent.parent.name == REJECTED_DIR
     assert (default_pointer.read_text(), default_pointer.stat().st_mtime_ns) == before
+
+
+# --- failures through a real `annoloop worker`: retried or not -------------------------------------------------
+
+
+ANNOLOOP_TRAIN = (str(Path(sys.executable).parent / "annoloop"), "train", "--project")
+
+
+def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`annoloop worker` as deployed, in its own process group (so that it can be killed with its children)."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "annoloop"), "worker"],
+        env={**os.environ, **env},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+
+@pytest.mark.labelstudio
+def test_a_job_that_cannot_succeed_fails_at_once_and_an_outage_is_retried(
+    label_studio, shapes_project, tmp_path
+):
+    """`annoloop train --wait` against a real worker: a project that does not exist fails on the first attempt
+    with Label Studio's answer, although the queue would retry twice; Label Studio unreachable is retried."""
+    import redis
+    from rq.job import Job
+
+    from tests.conftest import start_redis
+    from training.trigger import project_state
+
+    redis_proc, redis_url = start_redis(
+        tmp_path
+    )  # its own Redis: no job of this test can reach another's worker
+    config = tmp_path / "annoloop.yaml"
+    # Two retries, without delay: a retried job is back on the queue at once, so the outcome does not depend
+    # on rq's scheduler.
+    config.write_text(
+        yaml.safe_dump({"training": {**TINY_TRAINING, "retry_max": 2, "retry_intervals_s": [0]}})
+    )
+    env = {
+        "REDIS_URL": redis_url,
+        "ANNOLOOP_CONFIG": str(config),
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": label_studio.token,
+        "MODEL_DIR": str(tmp_path / "models"),
+        "LOG_LEVEL": "INFO",
+    }
+    conn = redis.Redis.from_url(redis_url)
+
+    def train(project: str, **extra_env: str) -> tuple[subprocess.CompletedProcess, Job]:
+        out = subprocess.run(
+            [*ANNOLOOP_TRAIN, project, "--wait", "--poll", "0.2", "--timeout", "300"],
+            env={**os.environ, **env, **extra_env},
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        return out, Job.fetch(project_state(conn, project)["job_id"], connection=conn)
+
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        out, job = train("987654")
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "ProjectNotFound: Label Studio project 987654 does not exist" in out.stderr
+        assert job.get_status(refresh=True) == "failed"
+        assert job.get_meta(refresh=True)["attempts"] == 1  # not retried, although two retries were allowed
+        assert '"event": "training failed: not retried"' in (tmp_path / "worker.log").read_text()
+        # The failed job does not block the project: the next request enqueues a new one.
+        _, second = train("987654")
+        assert second.id != job.id and second.get_meta(refresh=True)["attempts"] == 1
+    finally:
+        stop_worker(worker)
+    assert worker.returncode == 0  # a graceful stop
+
+    # Label Studio unreachable (the worker is told a port nobody listens on): worth retrying, and retried.
+    down = {"LABEL_STUDIO_URL": f"http://127.0.0.1:{free_port()}"}
+    worker = start_worker({**env, **down}, tmp_path / "worker-down.log")
+    try:
+        out, job = train(str(shapes_project.id), **down)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "LabelStudioUnavailable: Label Studio at http://127.0.0.1:" in out.stderr
+        assert job.get_status(refresh=True) == "failed"
+        assert job.get_meta(refresh=True)["attempts"] == 3  # the first attempt and both retries
+    finally:
+        stop_worker(worker)
+        redis_proc.terminate()
+        redis_proc.wait(10)

@@ -235,14 +235,18 @@ def detection_control(label_config: str) -> Control:
 
 
 @dataclass(frozen=True)
-class HeldOutImage:
-    """A held-out image with its ground truth, for evaluation."""
+class LabeledImage:
+    """An image of the dataset with its ground truth, for evaluation (held-out, or a training-split sample)."""
 
     task_id: int
     image: Path
     width: int
     height: int
     boxes: tuple[YoloBox, ...]
+
+
+#: The name evaluation code used before training images were kept too.
+HeldOutImage = LabeledImage
 
 
 @dataclass
@@ -255,8 +259,10 @@ class Dataset:
     control: Control
     train_ids: list[int]
     holdout_ids: list[int]
-    holdout: list[HeldOutImage]
+    holdout: list[LabeledImage]
     report: DatasetReport
+    #: The training images with their ground truth (for the training-split metric the overfitting rule needs).
+    train: list[LabeledImage] = field(default_factory=list)
 
     @property
     def holdout_boxes(self) -> int:
@@ -367,7 +373,8 @@ def build_dataset(
     )
     train_ids: list[int] = []
     holdout_ids: list[int] = []
-    holdout: list[HeldOutImage] = []
+    holdout: list[LabeledImage] = []
+    train: list[LabeledImage] = []
     per_class: Counter[str] = Counter()
 
     usable: list[tuple[LabeledTask, str]] = []
@@ -403,11 +410,13 @@ def build_dataset(
                 per_class.update(classes[b.cls] for b in boxes)
                 report.boxes += len(boxes)
                 report.negative_images += not boxes
+                item = LabeledImage(task.task_id, image_path, width, height, tuple(boxes))
                 if side == "holdout":
                     holdout_ids.append(task.task_id)
-                    holdout.append(HeldOutImage(task.task_id, image_path, width, height, tuple(boxes)))
+                    holdout.append(item)
                 else:
                     train_ids.append(task.task_id)
+                    train.append(item)
 
     report.tasks_used = len(train_ids) + len(holdout_ids)
     report.train_tasks, report.holdout_tasks = len(train_ids), len(holdout_ids)
@@ -420,7 +429,7 @@ def build_dataset(
     data_yaml.write_text(
         f"path: {_yaml_str(str(root))}\ntrain: images/train\nval: {val_dir}\nnames:\n{names}"
     )
-    return Dataset(root, data_yaml, classes, control, train_ids, holdout_ids, holdout, report)
+    return Dataset(root, data_yaml, classes, control, train_ids, holdout_ids, holdout, report, train)
 
 
 def _yaml_str(s: str) -> str:

@@ -8,7 +8,9 @@ Two views, because they answer different questions:
   here, small, in numpy) are what annotators live with: a pre-label they must delete is a FP, an object
   they must draw is a FN. The error analysis breaks those down by class, box size and image position.
 
-Candidate and current model are scored on the same held-out images. The current model may name its
+Candidate and current model are scored on the same held-out images. The candidate is also scored, with the
+same code, on a bounded sample of its own training images: the gap between the two is what the
+overfitting rule of :mod:`training.convergence` watches. The current model may name its
 classes differently from the labeling config (the default model's ``circle`` for a ``Circle`` label, or via
 ``predicted_values``): its classes are mapped onto the config's labels as the backend maps them when it
 serves pre-labels, and a config class it cannot predict at all scores AP 0, so that both models are
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ml_backend.label_config import map_classes
-from training.dataset import Dataset, YoloBox
+from training.dataset import Dataset, LabeledImage, YoloBox
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +231,9 @@ def _gt_arrays(boxes: Sequence[YoloBox]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _write_eval_set(
-    dataset: Dataset, mapping: dict[int, int], model_names: Mapping[int, str], root: Path
+    items: Sequence[LabeledImage], mapping: dict[int, int], model_names: Mapping[int, str], root: Path
 ) -> Path:
-    """A val-only YOLO dataset of the held-out images with labels in the model's class indices.
+    """A val-only YOLO dataset of ``items`` (the held-out images) with labels in the model's class indices.
 
     ultralytics scores in the model's class space; labels of config classes the model cannot predict are
     left out here and score AP 0 in :func:`evaluate_model`.
@@ -240,7 +242,7 @@ def _write_eval_set(
     img_dir, lbl_dir = root / "images" / "val", root / "labels" / "val"
     img_dir.mkdir(parents=True, exist_ok=True)
     lbl_dir.mkdir(parents=True, exist_ok=True)
-    for item in dataset.holdout:
+    for item in items:
         link = img_dir / item.image.name
         if not link.exists():
             os.symlink(item.image, link)
@@ -272,9 +274,10 @@ def evaluate_model(
     batch: int = 16,
     mapping: dict[int, int] | None = None,
     label: str = "",
+    items: Sequence[LabeledImage] | None = None,
 ) -> ModelEvaluation:
-    """Score ``weights`` on ``dataset.holdout``; ``mapping`` (model -> dataset class) defaults to the
-    backend's label mapping. Everything ultralytics writes goes under ``workdir``."""
+    """Score ``weights`` on ``items`` (default: ``dataset.holdout``); ``mapping`` (model -> dataset class)
+    defaults to the backend's label mapping. Everything ultralytics writes goes under ``workdir``."""
     from ultralytics import YOLO
 
     started = time.perf_counter()
@@ -288,7 +291,7 @@ def evaluate_model(
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
 
-    items = dataset.holdout
+    items = list(dataset.holdout if items is None else items)
     for start in range(0, len(items), batch):
         part = items[start : start + batch]
         results = model.predict(
@@ -314,8 +317,8 @@ def evaluate_model(
     ap50: dict[int, float] = {}
     ap: dict[int, float] = {}
     raw: dict[str, float] = {}
-    if dataset.holdout_boxes:
-        data_yaml = _write_eval_set(dataset, mapping, names, workdir / "data")
+    if any(item.boxes for item in items):
+        data_yaml = _write_eval_set(items, mapping, names, workdir / "data")
         metrics = model.val(
             data=str(data_yaml),
             split="val",

@@ -8,6 +8,13 @@ Checked against Label Studio 1.23.2: the ``total_annotations > 0`` filter leaves
 cancelled (skipped) annotations, and ordering by id keeps pages stable while annotators keep working
 (a task labeled during the export lands on a later page, or is seen twice, and is de-duplicated here).
 
+Each labeled task also keeps the prediction its annotation started from, for :mod:`training.prelabel_review`.
+Checked against Label Studio 1.23.2: ``GET /api/tasks`` lists an annotation's ``parent_prediction`` (the id of
+the prediction the editor opened it from) and every prediction of the task, but not the annotation's
+``prediction`` field (the snapshot Label Studio stores of the prediction of the project's ``model_version``;
+only ``/api/projects/<id>/export`` shows it, and only when ``model_version`` names predictions, not when it
+names the ML backend). See :func:`base_prediction` for the order in which they are used.
+
 Failures to reach Label Studio raise :class:`LabelStudioUnavailable` with a message that says what to fix;
 the training queue retries those with a backoff.
 """
@@ -55,6 +62,22 @@ class ProjectNotFound(LookupError):
 
 
 @dataclass(frozen=True)
+class BasePrediction:
+    """The prediction an annotation started from (its pre-labels), as Label Studio stores it.
+
+    ``source`` says how it was found: ``parent_prediction`` (the annotation names it), ``annotation`` (the
+    annotation's own ``prediction`` snapshot, in exports), or ``project_model_version`` (the task's prediction
+    of the project's ``model_version``, the one Label Studio shows and snapshots).
+    """
+
+    prediction_id: int | None
+    model_version: str
+    result: tuple[Mapping[str, Any], ...]
+    score: float | None
+    source: str
+
+
+@dataclass(frozen=True)
 class LabeledTask:
     """One task as training needs it: its data and the result of the annotation that counts."""
 
@@ -63,6 +86,8 @@ class LabeledTask:
     annotation_id: int
     updated_at: str
     result: tuple[Mapping[str, Any], ...]
+    #: The pre-labels that annotation started from, if any.
+    prediction: BasePrediction | None = None
 
 
 @dataclass
@@ -77,6 +102,8 @@ class ProjectExport:
     skipped: dict[str, int] = field(default_factory=dict)
     #: Label Studio's own counts for the project (all tasks, tasks with annotations, skips), for the card.
     project_stats: dict[str, int | None] = field(default_factory=dict)
+    #: The project's ``model_version`` setting (which predictions Label Studio shows; may name the backend).
+    model_version: str = ""
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:
@@ -103,6 +130,56 @@ def latest_annotation(annotations: Iterable[Mapping[str, Any]]) -> Mapping[str, 
         if best is None or key > best_key:
             best, best_key = ann, key
     return best
+
+
+def _prediction(p: Mapping[str, Any], source: str) -> BasePrediction:
+    score = p.get("score")
+    pid = p.get("id")
+    return BasePrediction(
+        prediction_id=int(pid) if isinstance(pid, int | str) and str(pid).isdigit() else None,
+        model_version=str(p.get("model_version") or ""),
+        result=tuple(_as_dict(r) for r in p.get("result") or []),
+        score=float(score) if isinstance(score, int | float) else None,
+        source=source,
+    )
+
+
+def base_prediction(
+    annotation: Mapping[str, Any],
+    predictions: Iterable[Mapping[str, Any]],
+    project_model_version: str = "",
+) -> BasePrediction | None:
+    """The prediction ``annotation`` started from, or None when it did not start from one.
+
+    In order: the task's prediction named by ``parent_prediction`` (what the editor records when an annotator
+    submits a pre-labeled task); else the annotation's own ``prediction`` snapshot when it has one (exports);
+    else, as Label Studio snapshots it, the task's first prediction of the project's ``model_version``
+    created before the annotation. An annotation that names a prediction that no longer exists started
+    from nothing we can compare.
+    """
+    parent = annotation.get("parent_prediction")
+    if isinstance(parent, Mapping):
+        parent = parent.get("id")
+    preds = [p for p in predictions if isinstance(p, Mapping)]
+    if parent is not None:
+        for p in preds:
+            if str(p.get("id")) == str(parent):
+                return _prediction(p, "parent_prediction")
+        return None
+    snapshot = annotation.get("prediction")
+    if isinstance(snapshot, Mapping) and snapshot.get("model_version") and snapshot.get("result") is not None:
+        return _prediction(snapshot, "annotation")
+    if project_model_version:
+        created = str(annotation.get("created_at") or "")
+        same = [
+            p
+            for p in preds
+            if p.get("model_version") == project_model_version
+            and (not created or str(p.get("created_at") or "") <= created)
+        ]
+        if same:
+            return _prediction(min(same, key=lambda p: int(p.get("id") or 0)), "project_model_version")
+    return None
 
 
 def _unavailable(access: LabelStudioAccess, error: Exception) -> LabelStudioUnavailable:
@@ -145,6 +222,7 @@ def export_project(access: LabelStudioAccess, project_id: int, page_size: int = 
             key: getattr(project, key, None)
             for key in ("task_number", "num_tasks_with_annotations", "skipped_annotations_number")
         },
+        model_version=str(getattr(project, "model_version", None) or ""),
     )
     seen: set[int] = set()
     try:
@@ -167,6 +245,9 @@ def export_project(access: LabelStudioAccess, project_id: int, page_size: int = 
                     annotation_id=int(ann.get("id") or 0),
                     updated_at=str(ann.get("updated_at") or ann.get("created_at") or ""),
                     result=tuple(_as_dict(r) for r in ann.get("result") or []),
+                    prediction=base_prediction(
+                        ann, (_as_dict(p) for p in task.get("predictions") or []), out.model_version
+                    ),
                 )
             )
     except ApiError as e:

@@ -4,10 +4,19 @@
 the settings itself, so a worker needs only the environment the backend has.
 
 Safety: the served model changes only through ``ModelStore.publish`` (a complete version folder renamed
-into place, then the pointer replaced), as the very last step. Everything before works in
+into place, then the pointer replaced), as the very last step; a candidate that is not promoted leaves only
+its card (``ModelStore.record_rejected``, written the same all-or-nothing way). Everything before works in
 ``MODEL_DIR/<project>/.work/<run>/``, removed on success and on failure, and cleared at the start of the
 next run when a crash (SIGKILL, OOM, power) left it behind. A per-project file lock keeps two workers from
 training the same project at once.
+
+Bookkeeping: each training appends one row to ``MODEL_DIR/<project>/history.csv`` (:mod:`training.convergence`,
+the one history file: scores, the promotion decision, the data fingerprint used to skip unchanged retrains,
+and how annotators changed the pre-labels of the version served before, see :mod:`training.prelabel_review`).
+
+Failures: a job that cannot succeed by waiting (the project does not exist, its labeling config cannot make a
+detection dataset, the project id is not one) fails at once without the queue's retries; Label Studio being
+unreachable, another worker holding the project, and everything else are retried with the backoff.
 """
 
 from __future__ import annotations
@@ -30,25 +39,46 @@ from typing import Any
 
 from annoloop.images import ImageFetcher
 from annoloop.labelstudio import LabelStudioAccess
-from annoloop.model_store import METADATA_NAME, ModelStore, ModelVersion
+from annoloop.model_store import METADATA_NAME, REJECTED_DIR, ModelStore, ModelVersion
 from config.settings import Settings, TrainingSettings, load_settings
-from training.dataset import Dataset, ImageCache, build_dataset
+from training.convergence import (
+    HISTORY_NAME,
+    HistoryRow,
+    append_row,
+    history_path,
+    last_row,
+    migrate_legacy_history,
+)
+from training.dataset import Dataset, DatasetError, ImageCache, LabeledImage, build_dataset
 from training.evaluate import ModelEvaluation, evaluate_model
-from training.export import LabelStudioUnavailable, ProjectExport, export_project
+from training.export import LabelStudioUnavailable, ProjectExport, ProjectNotFound, export_project
 from training.fit import MODEL_SETTINGS, model_task, plan_run, train_args, train_candidate
+from training.prelabel_review import PrelabelReview, ReviewedTask, review
 
 log = logging.getLogger(__name__)
+
+__all__ = ["REJECTED_DIR", "InvalidProject", "TrainingBusy", "decide", "run_training", "train_project"]
 
 WORK_DIR = ".work"
 CACHE_DIR = ".cache"
 LOCK_NAME = ".train.lock"
-REJECTED_DIR = "rejected"
-HISTORY_NAME = "history.jsonl"
+#: The candidate is also scored on at most this many training images (a fixed, hash-chosen sample), for the
+#: training-split mAP50 the overfitting rule compares with the held-out one. Bounded so that scoring the
+#: training split costs at most about as much as scoring a large held-out split.
+TRAIN_EVAL_MAX_IMAGES = 200
 _VERSION_RE = re.compile(r"^v(\d{3,})-")
 
 
 class TrainingBusy(RuntimeError):
     """Another worker is training this project right now; retry later (the queue does)."""
+
+
+class InvalidProject(ValueError):
+    """The project id is not a Label Studio project id; retrying will not help."""
+
+
+#: Failures no retry can fix: the job fails at once (``train_project`` turns the queue's retries off).
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ProjectNotFound, DatasetError, InvalidProject)
 
 
 # --- progress ------------------------------------------------------------------------------------------
@@ -168,36 +198,23 @@ def next_version(project_dir: Path, now: datetime) -> str:
     return f"v{max(numbers) + 1:03d}-{now.strftime('%Y%m%dT%H%M%SZ')}"
 
 
-def _last_attempt(project_dir: Path) -> dict[str, Any] | None:
-    try:
-        lines = (project_dir / HISTORY_NAME).read_text().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        with contextlib.suppress(ValueError):
-            return json.loads(line)
-    return None
+def train_sample(items: list[LabeledImage], limit: int = TRAIN_EVAL_MAX_IMAGES) -> list[LabeledImage]:
+    """At most ``limit`` training images, chosen by a hash of the task id: the same tasks from run to run
+    (as the project grows, a new task enters the sample only in place of one that hashes higher)."""
+    key = lambda item: hashlib.sha1(f"train-eval:{item.task_id}".encode()).digest()  # noqa: E731
+    return sorted(items, key=key)[:limit]
 
 
-def _append_history(project_dir: Path, entry: dict[str, Any]) -> None:
-    with open(project_dir / HISTORY_NAME, "a") as f:
-        f.write(json.dumps(entry, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _record_rejected(project_dir: Path, version: str, card: dict[str, Any]) -> Path:
-    """``rejected/<version>/metadata.json``: the card without weights, written in full then renamed."""
-    parent = project_dir / REJECTED_DIR
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{version}."))
-    try:
-        (tmp / METADATA_NAME).write_text(json.dumps(card, indent=2, default=str))
-        os.rename(tmp, parent / version)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return parent / version / METADATA_NAME
+def prelabel_review(export: ProjectExport, from_name: str) -> PrelabelReview:
+    """What annotators did to the pre-labels their annotations started from, per model version."""
+    return review(
+        (
+            ReviewedTask(t.task_id, t.prediction.model_version, t.prediction.result, t.result)
+            for t in export.tasks
+            if t.prediction is not None
+        ),
+        from_name=from_name,
+    )
 
 
 @contextlib.contextmanager
@@ -235,44 +252,44 @@ def train_project(project: str, force: bool = False) -> dict[str, Any]:
     """Queue entry point: retrain Label Studio project ``project`` (its id) with the configured settings.
 
     ``force`` trains even when no annotation, config or setting changed since the last run.
-    Raises ``LabelStudioUnavailable`` (retry later), ``TrainingBusy`` (retry later), ``ProjectNotFound``
-    or ``DatasetError`` (fix the project). Returns the summary of :func:`run_training`.
+    Raises ``LabelStudioUnavailable`` or ``TrainingBusy`` (the queue retries with its backoff), and
+    ``ProjectNotFound``, ``DatasetError`` or ``InvalidProject`` (fix the project; these turn the job's
+    remaining retries off, so it fails at once with that message). Returns the summary of
+    :func:`run_training`, plus the convergence verdict after a training.
     """
     import redis
     from rq import get_current_job
 
     from training import trigger
-    from training.convergence import (
-        ConvergenceRules,
-        HistoryRow,
-        append_row,
-        decide,
-        history_path,
-        read_history,
-    )
+    from training.convergence import ConvergenceRules, decide, read_history
 
-    settings = load_settings()
+    job = get_current_job()
     project = str(project)
-    r = redis.Redis.from_url(settings.redis_url)
-    in_queue = get_current_job() is not None
-    if in_queue:
-        trigger.mark_started(r, project)  # annotations from now on count toward the next training
-    summary = run_training(project, settings, force=force)
-    if not summary.get("skipped") and summary.get("version"):
-        card = json.loads(Path(summary["model_card"]).read_text())
-        cand = summary["metrics"]["candidate"] or {}
-        append_row(
-            history_path(settings.model_dir, project),
-            HistoryRow(
-                version=summary["version"],
-                promoted=bool(summary["promoted"]),
-                labeled_tasks=len(card["task_ids"]["train"]) + len(card["task_ids"]["holdout"]),
-                heldout_map50=float(cand.get("mAP50") or 0.0),
-                heldout_map50_95=float(cand.get("mAP50-95") or 0.0),
-                train_map50=None,
-                created_at=card.get("created_at", ""),
-            ),
+    try:
+        if not project.isdigit():
+            raise InvalidProject(f"project must be a Label Studio project id, got {project!r}")
+        settings = load_settings()
+        r = redis.Redis.from_url(settings.redis_url)
+        if job is not None:
+            job.meta["attempts"] = int(job.meta.get("attempts") or 0) + 1
+            job.save_meta()
+            trigger.mark_started(r, project)  # annotations from now on count toward the next training
+        summary = run_training(project, settings, force=force)
+    except PERMANENT_ERRORS as e:
+        if job is not None and job.retries_left:
+            # rq decides on the job object it runs (the one get_current_job returns in the work horse):
+            # with no retries left, this failure is final and the trigger's next request starts afresh.
+            job.retries_left = 0
+        log.error(
+            "training failed: not retried",
+            extra={
+                "project": project,
+                "job_id": job.id if job else None,
+                "error": f"{type(e).__name__}: {e}",
+            },
         )
+        raise
+    if not summary.get("skipped") and summary.get("version"):
         verdict = decide(
             read_history(history_path(settings.model_dir, project)),
             ConvergenceRules(**settings.training.convergence.model_dump()),
@@ -281,9 +298,24 @@ def train_project(project: str, force: bool = False) -> dict[str, Any]:
         if not verdict.keep_training:
             trigger.pause(r, project, verdict.reason)
             log.info("automatic retraining paused", extra={"project": project, "reason": verdict.reason})
-    if in_queue:
+    if job is not None:
         trigger.mark_finished(r, project)  # only on success: a failed attempt is retried by the queue
+    if summary.get("promoted") and settings.sync.after_promotion:
+        _enqueue_sync(r, project, str(summary["version"]))
     return summary
+
+
+def _enqueue_sync(r: Any, project: str, version: str) -> None:
+    """Re-rank the queue with the new model (its own job: a failed sync must not fail the training)."""
+    from sync.queue import enqueue_sync
+
+    try:
+        job = enqueue_sync(r, project, reason=version)
+        log.info(
+            "sync enqueued after promotion", extra={"project": project, "version": version, "job": job.id}
+        )
+    except Exception:
+        log.exception("could not enqueue the sync after promotion", extra={"project": project})
 
 
 def run_training(project: str, settings: Settings, force: bool = False) -> dict[str, Any]:
@@ -294,10 +326,11 @@ def run_training(project: str, settings: Settings, force: bool = False) -> dict[
     """
     os.environ.setdefault("YOLO_OFFLINE", "1")
     if not str(project).isdigit():
-        raise ValueError(f"project must be a Label Studio project id, got {project!r}")
+        raise InvalidProject(f"project must be a Label Studio project id, got {project!r}")
     store = ModelStore(settings.model_dir)
     project_dir = store.pointer(project).parent  # validates the name
     with _project_lock(project_dir):
+        migrate_legacy_history(project_dir)
         work_root = project_dir / WORK_DIR
         _clear_stale_work(work_root)
         work_root.mkdir(parents=True, exist_ok=True)
@@ -347,7 +380,7 @@ def _run(
             label
             for label, fp in (
                 ("the current model", parent.metadata().get("data_fingerprint") if parent else None),
-                ("the last attempt", (_last_attempt(project_dir) or {}).get("data_fingerprint")),
+                ("the last attempt", getattr(last_row(project_dir / HISTORY_NAME), "data_fingerprint", None)),
             )
             if fp == fingerprint
         ]
@@ -413,6 +446,16 @@ def _run(
         label="candidate",
         **eval_kw,
     )
+    # The same scores on (a sample of) the training split: the overfitting rule compares the two mAP50s.
+    train_eval = evaluate_model(
+        weights,
+        dataset,
+        items=train_sample(dataset.train),
+        workdir=workdir / "eval" / "train",
+        mapping=_identity(dataset),
+        label="candidate (training split)",
+        **eval_kw,
+    )
     current: ModelEvaluation | None = None
     if parent is not None:
         progress.stage("evaluate", model="current")
@@ -437,33 +480,59 @@ def _run(
 
     progress.stage("publish")
     version = next_version(project_dir, created)
+    reviewed = prelabel_review(export, dataset.control.from_name)
+    served_review = reviewed.version(served.version if served is not None else None)
     card = _model_card(
-        project, version, settings, export, dataset, plan.to_dict(), args, parent, cand, current, decision
+        project,
+        version,
+        settings,
+        export,
+        dataset,
+        plan.to_dict(),
+        args,
+        parent,
+        cand,
+        current,
+        decision,
+        train_eval,
     )
     card["served_before"] = summary["served_before"]
+    card["prelabel_review"] = reviewed.to_dict()
     card["data_fingerprint"] = fingerprint
     card["created_at"] = created.isoformat()
     card["seconds"] = {**progress.seconds, "total": round(time.perf_counter() - started, 2)}
     if decision.promote:
         mv = store.publish(project, version, weights, card)
-        card_path = mv.path / METADATA_NAME
     else:
-        card_path = _record_rejected(project_dir, version, card)
+        mv = store.record_rejected(project, version, card)
+    card_path = mv.path / METADATA_NAME
     progress.finish(promoted=decision.promote, version=version)
-    _append_history(
-        project_dir,
-        {
-            "version": version,
-            "promoted": decision.promote,
-            "created_at": created.isoformat(),
-            "parent": summary["parent"],
-            "metric": decision.metric,
-            "candidate": decision.candidate,
-            "current": decision.current,
-            "reasons": decision.reasons,
-            "data_fingerprint": fingerprint,
-            "model_card": str(card_path),
-        },
+    counts = served_review.counts if served_review is not None else None
+    append_row(
+        project_dir / HISTORY_NAME,
+        HistoryRow(
+            version=version,
+            promoted=decision.promote,
+            labeled_tasks=len(dataset.train_ids) + len(dataset.holdout_ids),
+            heldout_map50=float(cand.overall.get("mAP50") or 0.0),
+            heldout_map50_95=float(cand.overall.get("mAP50-95") or 0.0),
+            train_map50=_float_or_none(train_eval.overall.get("mAP50")),
+            created_at=created.isoformat(),
+            parent=f"{parent.project}/{parent.version}" if parent else "",
+            metric=decision.metric,
+            candidate=_float_or_none(decision.candidate),
+            current=_float_or_none(decision.current),
+            data_fingerprint=fingerprint,
+            prelabel_version=served.version if served_review is not None and served is not None else "",
+            prelabel_predicted=counts.predicted if counts else None,
+            prelabel_accepted=counts.accepted if counts else None,
+            prelabel_corrected=counts.corrected if counts else None,
+            prelabel_rejected=counts.rejected if counts else None,
+            prelabel_added=counts.added if counts else None,
+            prelabel_acceptance=served_review.to_dict()["acceptance_rate"] if served_review else None,
+            reason="; ".join(decision.reasons),
+            model_card=str(card_path),
+        ),
     )
     log.info(
         "training finished",
@@ -472,18 +541,33 @@ def _run(
             "version": version,
             "promoted": decision.promote,
             "reasons": decision.reasons,
+            "heldout_map50": cand.overall.get("mAP50"),
+            "train_map50": train_eval.overall.get("mAP50"),
+            "prelabel_review": {
+                v: {k: r[k] for k in ("predicted", "accepted", "corrected", "rejected", "added")}
+                for v, r in card["prelabel_review"]["versions"].items()
+            },
         },
     )
     summary.update(
         promoted=decision.promote,
         version=version,
         improvement=decision.improvement,
-        metrics={"candidate": cand.overall, "current": current.overall if current else None},
+        metrics={
+            "candidate": cand.overall,
+            "current": current.overall if current else None,
+            "train": train_eval.overall,
+        },
         reasons=decision.reasons,
+        prelabel_review=served_review.to_dict() if served_review is not None else None,
         seconds={**progress.seconds, "total": round(time.perf_counter() - started, 2)},
         model_card=str(card_path),
     )
     return summary
+
+
+def _float_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _identity(dataset: Dataset) -> dict[int, int]:
@@ -507,6 +591,7 @@ def _model_card(
     cand: ModelEvaluation,
     current: ModelEvaluation | None,
     decision: Decision,
+    train_eval: ModelEvaluation,
 ) -> dict[str, Any]:
     """Everything needed to understand, compare and reproduce this version (no secrets)."""
     return {
@@ -528,7 +613,11 @@ def _model_card(
             "training": settings.training.model_dump(mode="json"),
             "inference": settings.inference.model_dump(mode="json"),
         },
-        "metrics": {"candidate": cand.to_dict(), "current": current.to_dict() if current else None},
+        "metrics": {
+            "candidate": cand.to_dict(),
+            "current": current.to_dict() if current else None,
+            "train": train_eval.to_dict(),
+        },
         "error_analysis": {
             "candidate": asdict(cand.errors),
             "current": asdict(current.errors) if current else None,

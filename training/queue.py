@@ -4,6 +4,9 @@ Training jobs are enqueued by dotted path (``training.jobs.train_project``), so 
 training code (torch, ultralytics): only the worker (``annoloop worker``) does, when it runs a job. Every job
 gets the configured timeout, result and failure TTLs, and training jobs retry with backoff on failure
 (``training.retry_max`` / ``training.retry_intervals_s``): a worker runs rq's scheduler for the delayed retries.
+Two kinds of failure do not wait for the backoff: one no retry can fix (the job function turns its retries
+off, see ``training.jobs.PERMANENT_ERRORS``), and a job abandoned by a worker that died (SIGKILL, OOM, lost
+machine), which :func:`on_training_failure` re-enqueues at once.
 
 ``ping`` is a real, tiny job for diagnostics (``annoloop train --ping``): it checks a worker is listening,
 reports progress the way training does, and says whether the worker process can use CUDA.
@@ -23,7 +26,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 import redis
-from rq import Queue, Retry
+from rq import Callback, Queue, Retry
+from rq.exceptions import AbandonedJobError
 from rq.job import Job, JobStatus
 
 from config.settings import TrainingSettings, load_settings
@@ -78,6 +82,38 @@ def retry_policy(settings: TrainingSettings | None = None) -> Retry | None:
     return Retry(max=s.retry_max, interval=list(s.retry_intervals_s))
 
 
+def on_training_failure(job: Job, connection: redis.Redis, exc_type: type, exc_value: Any, tb: Any) -> None:
+    """rq failure callback of training jobs: a job abandoned by a dead worker is retried at once.
+
+    rq notices an abandoned job when its heartbeat has expired (``StartedJobRegistry.cleanup``, run by a
+    worker's maintenance or by :mod:`training.trigger` when a request finds the project stuck on it) and then
+    retries it per its ``Retry``, i.e. after the backoff, through the scheduler. Nothing is wrong with
+    Label Studio in that case, and the scheduler may well have died with the worker (a new worker only takes
+    the scheduler over when the dead one's lock expires and its own maintenance comes round, up to minutes
+    later): so this retry goes straight onto the queue. The retry still counts against ``retry_max``.
+    Called by rq with the job object it is about to retry; later retries keep their backoff.
+    """
+    if not (isinstance(exc_value, AbandonedJobError) or exc_type is AbandonedJobError):
+        return
+    if job.retries_left and job.retry_intervals:
+        # rq waits intervals[len(intervals) - retries_left] (the first value while more retries are left than
+        # values): spell the list out to one value per retry left, then make only this one immediate.
+        intervals = list(job.retry_intervals)
+        if job.retries_left > len(intervals):
+            intervals = [intervals[0]] * (job.retries_left - len(intervals)) + intervals
+        intervals[len(intervals) - job.retries_left] = 0
+        job.retry_intervals = intervals
+    log.warning(
+        "training job abandoned by its worker",
+        extra={
+            "job_id": job.id,
+            "project": (job.meta or {}).get("project"),
+            "retries_left": job.retries_left,
+            "retry": "now" if job.retries_left else "none left",
+        },
+    )
+
+
 def enqueue_training(
     redis_client: redis.Redis,
     project: str,
@@ -102,6 +138,7 @@ def enqueue_training(
         description=f"train project {project} ({reason})",
         meta={"project": str(project), "reason": reason, **(meta or {})},
         retry=retry_policy(s),
+        on_failure=Callback(f"{__name__}.on_training_failure"),
     )
     log.info(
         "training job enqueued",

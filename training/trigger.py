@@ -27,7 +27,12 @@ Transitions (``threshold`` is ``training.min_new_annotations``):
   enqueued; otherwise -> ``idle``.
 
 A state whose job is gone (failed for good, stopped, canceled, or finished without ``mark_finished``) does not
-block the project: the next trigger sees the job's rq status and starts afresh.
+block the project: the next trigger sees the job's rq status and starts afresh. Nor does a job whose worker
+died mid-run (SIGKILL, OOM, a lost machine): rq still calls it ``started``, but its heartbeat stops, and once
+that has expired (at most ``job_monitoring_interval`` + 60 s, 90 s by default, after the worker's last beat)
+every trigger first hands it to rq's own clean-up (:func:`reap_abandoned`), which re-enqueues it at once
+(``training.queue.on_training_failure``) or, with no retries left, fails it, after which the trigger starts
+a new job.
 """
 
 from __future__ import annotations
@@ -41,10 +46,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
-from rq.job import Job
+from rq.job import Job, JobStatus
 
 from config.settings import TrainingSettings, load_settings
-from training.queue import enqueue_training
+from training.queue import QUEUE_NAME, enqueue_training
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +213,47 @@ class Outcome:
 # --- Triggering ------------------------------------------------------------------------------------
 
 
+def reap_abandoned(r: redis.Redis, project: str | int) -> bool:
+    """If the project's queued or running job is one rq calls ``started`` but whose heartbeat has expired
+    (its worker died), let rq clean it up now rather than at some worker's next maintenance (every 10
+    minutes by default): rq retries it (at once, see ``training.queue.on_training_failure``) or fails it.
+    Returns whether it did. Costs one or two Redis reads when nothing is stuck, so every trigger calls it.
+    """
+    k = keys(project)
+    state, job_id = r.mget([k.job_state, k.job_id])
+    if state is None or job_id is None or _text(state) not in ("queued", "running"):
+        return False
+    jid = _text(job_id)
+    status = r.hget(Job.redis_job_namespace_prefix + jid, "status")
+    if status is None or _text(status) != JobStatus.STARTED.value:
+        return False
+    from rq.registry import StartedJobRegistry
+    from rq.timeouts import TimerDeathPenalty
+
+    # A thread-based timeout for the failure callback: webhooks run in the server's worker threads, where
+    # rq's default (SIGALRM) cannot be used.
+    registry = StartedJobRegistry(QUEUE_NAME, connection=r, death_penalty_class=TimerDeathPenalty)
+    if jid not in registry.get_expired_job_ids():
+        return False
+    try:
+        registry.cleanup()
+    except redis.RedisError:
+        raise
+    except Exception:  # rq's clean-up failing must not fail the webhook; a worker's maintenance retries it
+        log.warning(
+            "could not clean up an abandoned job",
+            extra={"project": str(project), "job_id": jid},
+            exc_info=True,
+        )
+        return False
+    after = r.hget(Job.redis_job_namespace_prefix + jid, "status")
+    log.warning(
+        "abandoned training job cleaned up",
+        extra={"project": str(project), "job_id": jid, "status": _text(after) if after else None},
+    )
+    return True
+
+
 def _trigger(
     r: redis.Redis,
     project: str,
@@ -219,6 +265,7 @@ def _trigger(
     reason: str,
     settings: TrainingSettings,
 ) -> Outcome:
+    reap_abandoned(r, project)
     k = keys(project)
     job_id = _new_job_id(project)
     script = r.register_script(_TRIGGER)

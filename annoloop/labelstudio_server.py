@@ -1,4 +1,4 @@
-"""Start a real Label Studio 1.23.2 server for integration tests, and talk to its REST API.
+"""Start a real Label Studio 1.23.2 server (for the tests and `make demo`), and talk to its REST API.
 
 Why a real server instead of mocks: the ML-backend protocol (what Label Studio sends to
 ``/health``, ``/setup``, ``/predict`` and ``/webhook``, and what it stores from the answers) is
@@ -99,6 +99,8 @@ class LabelStudioServer:
     #: to the first ``GET /health`` answered with 200.
     startup_seconds: float | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    #: The server's environment (paths, flags), for ``label-studio`` CLI calls on the same data dir.
+    env: dict[str, str] = field(default_factory=dict, repr=False)
     _session: requests.Session = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -283,6 +285,33 @@ class LabelStudioServer:
         return list(self.api("GET", "/api/webhooks", params={"project": project}).json())
 
     # ------------------------------------------------------------------ lifecycle
+    def add_user(self, email: str) -> LabelStudioServer:
+        """A second user in the same organization (``label-studio init``, as an admin would), returned as a
+        client with that user's legacy token; ``stop()`` on it only closes its session."""
+        password = secrets.token_urlsafe(16)
+        token = secrets.token_hex(20)
+        env = {**self.env, "LABEL_STUDIO_USERNAME": email, "LABEL_STUDIO_PASSWORD": password}
+        env["LABEL_STUDIO_USER_TOKEN"] = token
+        done = subprocess.run(
+            [str(self.env["_EXECUTABLE"]), "init", "--username", email],
+            env=env,
+            cwd=self.data_dir.parent,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            stdin=subprocess.DEVNULL,
+        )
+        if done.returncode != 0:
+            raise LabelStudioError(f"label-studio init failed: {done.stdout[-1500:]}{done.stderr[-1500:]}")
+        return LabelStudioServer(
+            url=self.url,
+            token=token,
+            username=email,
+            password=password,
+            data_dir=self.data_dir,
+            files_root=self.files_root,
+        )
+
     def stop(self, timeout: float = 20.0) -> None:
         """Terminate the server's whole process group (SIGTERM, then SIGKILL after ``timeout``)."""
         self._session.close()
@@ -330,6 +359,7 @@ def launch_label_studio(
     log_level: str = "INFO",
     extra_env: dict[str, str] | None = None,
     db_template: Path | None = None,
+    files_root: Path | None = None,
 ) -> LabelStudioServer:
     """Start a fresh Label Studio and return it once ``/health`` answers 200. Call ``.stop()``.
 
@@ -353,7 +383,8 @@ def launch_label_studio(
         )
     work_dir = Path(work_dir).resolve()
     data_dir = work_dir / "data"
-    files_root = work_dir / "files"
+    # The local-files document root: ours, or a dataset's parent folder so its images are served in place.
+    files_root = Path(files_root).resolve() if files_root is not None else work_dir / "files"
     if data_dir.exists() and any(data_dir.iterdir()):
         raise LabelStudioError(f"{data_dir} is not empty: each test server needs a fresh data dir")
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -424,6 +455,7 @@ def launch_label_studio(
         files_root=files_root,
         log_path=log_path,
         process=proc,
+        env={**env, "_EXECUTABLE": str(executable)},
     )
     try:
         _wait_healthy(proc, url, log_path, start_timeout)
