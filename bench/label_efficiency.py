@@ -793,6 +793,14 @@ def _proxy_table(sec: dict[str, Any]) -> list[str]:
         )
     rnd = next(iter(p["mean"].values()))
     out += ["", f"(random: {rnd['random10']:.3f} / {rnd['random20']:.3f})"]
+    if "oracle" in p["mean"]:
+        ceiling = p["mean"]["oracle"]["ratio10"]
+        out += [
+            "",
+            f"Ceiling: the oracle order (the errors themselves, sorted) puts {ceiling:.2f}x random's share in its "
+            f"top 10%, so a 2.5x goal is {'within reach' if ceiling >= 2.5 else 'out of reach of any order'} "
+            "on this dataset with errors counted per image.",
+        ]
     g = sec.get("goal")
     if g and g.get("default_proxy_ratio10") is not None:
         out += [

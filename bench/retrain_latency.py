@@ -28,9 +28,9 @@ import requests
 import torch
 from rq.job import Job
 
+from annoloop.labelstudio_server import label_studio_version, start_label_studio
 from annoloop.model_store import ModelStore
 from tests.conftest import MODEL_CACHE, SHAPES_CONFIG, gt_result, shapes_project, start_loop, start_redis
-from annoloop.labelstudio_server import label_studio_version, start_label_studio
 from training.bootstrap import TEST_RECIPES, cached_starter_model
 from training.trigger import pause, project_state
 

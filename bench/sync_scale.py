@@ -39,9 +39,9 @@ import torch
 import yaml
 from PIL import Image
 
+from annoloop.labelstudio_server import label_studio_version, start_label_studio
 from config.settings import load_settings
 from tests.conftest import MODEL_CACHE, SHAPES_CONFIG, publish
-from annoloop.labelstudio_server import label_studio_version, start_label_studio
 from training.bootstrap import TEST_RECIPES, cached_starter_model
 from training.synthetic import render_scene
 

@@ -85,14 +85,21 @@ def test_annotations_retrain_and_the_backend_serves_the_new_version(
             versions = {p["model_version"] for p in ls.predictions(task_id)}
             assert promoted.version in versions, (task_id, versions)
         assert ls.ml_backends(project)[0]["model_version"] == promoted.version
+        # Whatever the worker does after a promotion (the ranking job re-ranks the queue, and replaces its own
+        # older predictions) is done before annotators start on the new pre-labels.
+        wait_until_idle(redis.Redis.from_url(redis_url), worker, worker_log)
 
         # Annotators open the remaining tasks with v001's pre-labels and submit them, some kept, one moved,
         # one relabeled, one deleted, and a box the model missed drawn. The editor sends the prediction it
         # started from as parent_prediction; one task's pre-labels were written by the ranking job, whose
         # predictions carry "<version>@<stamp>".
         expected = review_prelabels(ls, promoted.version, ids[10:])
-        # The next training (asked for by hand: four annotations are below the threshold) records it.
-        request_training(redis.Redis.from_url(redis_url), project, reason="test", settings=TrainingSettings())
+        # The next training records it: asked for by hand, as "Start Training" does (four annotations are below
+        # the threshold, and v001 may have paused automatic retraining by reaching the target already).
+        outcome = request_training(
+            redis.Redis.from_url(redis_url), project, force=True, reason="test", settings=TrainingSettings()
+        )
+        assert outcome.status == "enqueued", outcome
         history = history_path(model_dir, str(project))
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and len(read_history(history)) < 2:
@@ -132,6 +139,21 @@ def test_annotations_retrain_and_the_backend_serves_the_new_version(
         loop.stop()
 
 
+def wait_until_idle(conn: redis.Redis, worker: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Until the `annoloop worker` process has no job running and nothing waiting on its queues."""
+    from rq import Queue, Worker
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert worker.poll() is None, log.read_text()[-3000:]
+        (w,) = [w for w in Worker.all(connection=conn) if w.pid == worker.pid]
+        queues = [Queue(name, connection=conn) for name in w.queue_names()]
+        if w.get_state() == "idle" and not any(q.count for q in queues):
+            return
+        time.sleep(0.5)
+    raise AssertionError("the worker did not become idle:\n" + log.read_text()[-3000:])
+
+
 def _card(path: str) -> dict:
     return json.loads(Path(path).read_text())
 
@@ -150,18 +172,24 @@ def review_prelabels(ls, version: str, task_ids: list[int]) -> dict[str, int]:
     submits them (``parent_prediction``); returns the counts the review must find."""
     preds = {}
     for i, task_id in enumerate(task_ids):
-        pred = next(p for p in ls.predictions(task_id) if p["model_version"] == version)
-        if i == len(task_ids) - 1:  # the same pre-labels, as the ranking job writes them
-            pred = ls.api(
-                "POST",
-                "/api/predictions",
-                json={
-                    "task": task_id,
-                    "result": pred["result"],
-                    "score": pred["score"],
-                    "model_version": f"{version}@20261122T103000Z",
-                },
-            ).json()
+        stored = ls.predictions(task_id)
+        pred = next(p for p in stored if p["model_version"] == version)
+        if i == len(task_ids) - 1:  # the last task's pre-labels as the ranking job writes them
+            stamped = [p for p in stored if p["model_version"].startswith(version + "@")]
+            pred = (
+                stamped[0]
+                if stamped
+                else ls.api(
+                    "POST",
+                    "/api/predictions",
+                    json={
+                        "task": task_id,
+                        "result": pred["result"],
+                        "score": pred["score"],
+                        "model_version": f"{version}@20261122T103000Z",
+                    },
+                ).json()
+            )
         preds[task_id] = pred
     regions = [
         (t, j)
@@ -211,12 +239,13 @@ def review_prelabels(ls, version: str, task_ids: list[int]) -> dict[str, int]:
                     "value": {**spot, "rotation": 0, "rectanglelabels": ["circle"]},
                 }
             )
-        ls.api(
+        saved = ls.api(
             "POST",
             f"/api/tasks/{task_id}/annotations/",
             expected=(201,),
             json={"result": annotation, "was_cancelled": False, "parent_prediction": preds[task_id]["id"]},
-        )
+        ).json()
+        assert saved["parent_prediction"] == preds[task_id]["id"]  # Label Studio keeps it, as from the editor
     edited = {t for t, _ in edits} | {task_ids[-1]}
     n = len(regions)
     return {

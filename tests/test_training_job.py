@@ -528,21 +528,29 @@ def stop_worker(proc: subprocess.Popen) -> None:
             proc.wait(30)
 
 
+@pytest.fixture
+def private_redis(tmp_path):
+    """A redis-server of the test's own: no job it leaves behind can reach another test's worker."""
+    from tests.conftest import start_redis
+
+    proc, url = start_redis(tmp_path)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
 @pytest.mark.labelstudio
 def test_a_job_that_cannot_succeed_fails_at_once_and_an_outage_is_retried(
-    label_studio, shapes_project, tmp_path
+    label_studio, shapes_project, tmp_path, private_redis
 ):
     """`annoloop train --wait` against a real worker: a project that does not exist fails on the first attempt
     with Label Studio's answer, although the queue would retry twice; Label Studio unreachable is retried."""
     import redis
     from rq.job import Job
 
-    from tests.conftest import start_redis
     from training.trigger import project_state
 
-    redis_proc, redis_url = start_redis(
-        tmp_path
-    )  # its own Redis: no job of this test can reach another's worker
+    redis_url = private_redis
     config = tmp_path / "annoloop.yaml"
     # Two retries, without delay: a retried job is back on the queue at once, so the outcome does not depend
     # on rq's scheduler.
@@ -595,5 +603,3 @@ def test_a_job_that_cannot_succeed_fails_at_once_and_an_outage_is_retried(
         assert job.get_meta(refresh=True)["attempts"] == 3  # the first attempt and both retries
     finally:
         stop_worker(worker)
-        redis_proc.terminate()
-        redis_proc.wait(10)

@@ -28,8 +28,6 @@ from tests.conftest import gt_result, publish, shapes_project, start_redis
 from training.convergence import history_path, read_history
 from training.trigger import project_state
 
-pytestmark = pytest.mark.labelstudio
-
 EXE = str(Path(sys.executable).parent / "annoloop")
 TINY = {
     "imgsz": 128,
@@ -101,11 +99,21 @@ def wait_for(what: str, check, timeout: float, logs: list[Path], poll: float = 0
     raise AssertionError(f"timed out waiting for {what}\n{tails}")
 
 
+@pytest.fixture
+def private_redis(tmp_path):
+    """A redis-server of the test's own: the dead worker's keys and jobs stay in it."""
+    proc, url = start_redis(tmp_path)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.mark.labelstudio
 def test_worker_killed_mid_training_leaves_the_served_model_and_the_next_request_trains(
-    label_studio, tmp_path, starter_weights
+    label_studio, tmp_path, starter_weights, private_redis
 ):
     ls = label_studio
-    redis_proc, redis_url = start_redis(tmp_path)
+    redis_url = private_redis
     conn = redis.Redis.from_url(redis_url)
     model_dir = tmp_path / "models"
     publish(model_dir, starter_weights("detect"), "starter")  # the default model, served to the project
@@ -215,11 +223,9 @@ def test_worker_killed_mid_training_leaves_the_served_model_and_the_next_request
                 except subprocess.TimeoutExpired:
                     os.killpg(w.pid, signal.SIGKILL)
                     w.wait(30)
-        redis_proc.terminate()
-        redis_proc.wait(10)
 
 
-def test_a_webhook_hands_an_abandoned_job_back_to_rq_at_once(tmp_path):
+def test_a_webhook_hands_an_abandoned_job_back_to_rq_at_once(private_redis):
     """The same recovery, fast and from a server thread (where webhooks run): rq's own bookkeeping of a job
     a worker started, the worker gone, its heartbeat's expiry brought forward in Redis instead of waited for."""
     import threading
@@ -231,42 +237,37 @@ def test_a_webhook_hands_an_abandoned_job_back_to_rq_at_once(tmp_path):
     from training.queue import training_queue
     from training.trigger import count_annotations, mark_started, request_training
 
-    redis_proc, redis_url = start_redis(tmp_path)
-    try:
-        r = redis.Redis.from_url(redis_url)
-        settings = TrainingSettings(min_new_annotations=1)  # retries after 10, 60, 300 s
-        job = Job.fetch(request_training(r, "7", settings=settings).job_id, connection=r)
-        queue = training_queue(r, settings)
-        # A worker takes the job and starts it, exactly as rq does, and then dies without a trace.
-        worker = Worker([queue], connection=r)
-        worker.register_birth()
-        queue.remove(job.id)
-        worker.prepare_execution(job)
-        worker.prepare_job_execution(job)
-        mark_started(r, "7", job.id)
-        started = StartedJobRegistry(queue.name, connection=r)
-        assert job.get_status(refresh=True) == "started" and job.id in started.get_job_ids(cleanup=False)
+    r = redis.Redis.from_url(private_redis)
+    settings = TrainingSettings(min_new_annotations=1)  # retries after 10, 60, 300 s
+    job = Job.fetch(request_training(r, "7", settings=settings).job_id, connection=r)
+    queue = training_queue(r, settings)
+    # A worker takes the job and starts it, exactly as rq does, and then dies without a trace.
+    worker = Worker([queue], connection=r)
+    worker.register_birth()
+    queue.remove(job.id)
+    worker.prepare_execution(job)
+    worker.prepare_job_execution(job)
+    mark_started(r, "7", job.id)
+    started = StartedJobRegistry(queue.name, connection=r)
+    assert job.get_status(refresh=True) == "started" and job.id in started.get_job_ids(cleanup=False)
 
-        def webhook() -> str:
-            out: list[str] = []
-            t = threading.Thread(target=lambda: out.append(count_annotations(r, "7", 1, settings).status))
-            t.start()
-            t.join(30)
-            return out[0]
+    def webhook() -> str:
+        out: list[str] = []
+        t = threading.Thread(target=lambda: out.append(count_annotations(r, "7", 1, settings).status))
+        t.start()
+        t.join(30)
+        return out[0]
 
-        # While its heartbeat lasts, the job counts as running: the request is owed a follow-up.
-        assert webhook() == "followup" and job.get_status(refresh=True) == "started"
-        # Its heartbeat expires (here: brought forward to the past) ...
-        members = r.zrange(started.key, 0, -1)
-        r.zadd(started.key, dict.fromkeys(members, 1), xx=True)
-        # ... and the next webhook hands it to rq, whose retry puts it back on the queue at once (no scheduler
-        # needed: the one of the dead worker may have died with it).
-        assert webhook() == "followup"
-        assert job.get_status(refresh=True) == "queued" and job.id in queue.get_job_ids()
-        assert ScheduledJobRegistry(queue.name, connection=r).get_job_ids() == []
-        job.refresh()
-        assert job.retries_left == 2 and job.retry_intervals == [0, 60, 300]  # it counts; later ones wait
-        assert project_state(r, "7")["state"] == "running"  # until the retried job starts and finishes
-    finally:
-        redis_proc.terminate()
-        redis_proc.wait(10)
+    # While its heartbeat lasts, the job counts as running: the request is owed a follow-up.
+    assert webhook() == "followup" and job.get_status(refresh=True) == "started"
+    # Its heartbeat expires (here: brought forward to the past) ...
+    members = r.zrange(started.key, 0, -1)
+    r.zadd(started.key, dict.fromkeys(members, 1), xx=True)
+    # ... and the next webhook hands it to rq, whose retry puts it back on the queue at once (no scheduler
+    # needed: the one of the dead worker may have died with it).
+    assert webhook() == "followup"
+    assert job.get_status(refresh=True) == "queued" and job.id in queue.get_job_ids()
+    assert ScheduledJobRegistry(queue.name, connection=r).get_job_ids() == []
+    job.refresh()
+    assert job.retries_left == 2 and job.retry_intervals == [0, 60, 300]  # it counts; later ones wait
+    assert project_state(r, "7")["state"] == "running"  # until the retried job starts and finishes
