@@ -595,10 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--backend-port", type=int, default=9090)
     dm.add_argument("--no-keep", dest="keep", action="store_false", help="stop everything after the rounds")
     dm.add_argument(
-        "--starter",
+        "--cold-start",
         action="store_true",
-        help="serve the generated-shapes starter model from the start (else: cold start, first model trained "
-        "from the first labels)",
+        help="built-in set only: no starter model; the queue starts by diversity and the first model is trained "
+        "from the first labels (needs more rounds and epochs to get anywhere on a CPU)",
     )
     dm.set_defaults(func=cmd_demo)
 

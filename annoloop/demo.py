@@ -175,6 +175,7 @@ class Round:
     labels: int
     version: str | None
     heldout_map50: float | None
+    heldout_map50_95: float | None
     promoted: bool | None
     queue_version: str | None
     seconds: float
@@ -229,7 +230,9 @@ def play_round(
     paused = is_paused(redis.Redis.from_url(stack.redis_url), annotator.project)
     if paused:
         say(f"  automatic retraining is paused ({paused}): `annoloop train --force` would still train")
-        return Round(len(annotator.labeled), None, None, None, None, round(time.monotonic() - started, 1))
+        return Round(
+            len(annotator.labeled), None, None, None, None, None, round(time.monotonic() - started, 1)
+        )
     say(f"  labeled {len(annotator.labeled)} tasks; waiting for the retraining the webhook starts ...")
 
     def trained() -> list[Any] | None:
@@ -241,7 +244,10 @@ def play_round(
     row = rows[-1]
     queue_version = None
     if row.promoted:
-        say(f"  {row.version} promoted (held-out mAP50 {row.heldout_map50:.3f}); waiting for the re-sync ...")
+        say(
+            f"  {row.version} promoted (held-out mAP50 {row.heldout_map50:.3f}, mAP50-95 "
+            f"{row.heldout_map50_95:.3f}); waiting for the re-sync ..."
+        )
 
         def resynced() -> str | None:
             v = stack.ls.project(annotator.project).get("model_version") or ""
@@ -254,6 +260,7 @@ def play_round(
         len(annotator.labeled),
         row.version,
         row.heldout_map50,
+        row.heldout_map50_95,
         row.promoted,
         queue_version,
         round(time.monotonic() - started, 1),
@@ -326,7 +333,7 @@ def run_demo(args: Any) -> int:
         )  # the in-process parts (import, connect, first sync) use the same settings
         settings = load_settings()
         exe = str(Path(sys.executable).parent / "annoloop")
-        if args.starter and not args.data:
+        if not args.cold_start and not args.data:
             say("default model: the generated-shapes starter model (trained once, cached) ...")
             subprocess.run([exe, "starter-model"], env={**os.environ}, check=True, stdout=subprocess.DEVNULL)
         port = free_port(args.backend_port)
@@ -360,9 +367,10 @@ def run_demo(args: Any) -> int:
             say(f"round {r}/{args.rounds}: labeling {args.per_round} tasks in queue order")
             got = play_round(stack, annotator, model_dir, args.per_round, args.round_timeout, say)
             mAP = "-" if got.heldout_map50 is None else f"{got.heldout_map50:.3f}"
+            mAP95 = "-" if got.heldout_map50_95 is None else f"{got.heldout_map50_95:.3f}"
             say(
                 f"round {r}: {got.labels} labels, model {got.version} "
-                f"({'promoted' if got.promoted else 'not promoted'}), held-out mAP50 {mAP}, "
+                f"({'promoted' if got.promoted else 'not promoted'}), held-out mAP50 {mAP}, mAP50-95 {mAP95}, "
                 f"queue ordered by {got.queue_version or 'the previous version'} ({got.seconds:.0f} s)"
             )
         from training.report import write_report

@@ -98,8 +98,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], bool]] = {
     ),
 }
 
-#: The configuration change simulated as the extra strategy ``proposed`` (not run unless asked for).
-PROPOSED = "default[top_k=10,cv=0]"
+#: The configuration change simulated as the extra strategy ``proposed`` (not run unless asked for):
+#: (uncertainty overrides, sync.ranking overrides). ``diverse_batches: 0`` is the default ranking without
+#: its k-center stage (priority order: uncertainty percentile + rare-class term), the "default_no_kcenter"
+#: diagnostic of the proxy, which keeps the dark images and error-rich images k-center passes over.
+PROPOSED: tuple[dict[str, Any], dict[str, Any]] = ({}, {"diverse_batches": 0})
 ALL_STRATEGIES: tuple[str, ...] = (*STRATEGIES, "proposed")
 
 
@@ -391,11 +394,11 @@ def strategy_order(
     seed: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """A simulated strategy's order: the project's strategies, or ``proposed`` (default's ranking on the
-    uncertainty settings the proxy evidence points to, see ``PROPOSED``)."""
+    """A simulated strategy's order: the project's strategies, or ``proposed`` (the default ranking with the
+    configuration change the proxy evidence points to, see ``PROPOSED``)."""
     if strategy == "proposed":
         assert view is not None
-        unc_over, rank_over, _ = VARIANTS[PROPOSED]
+        unc_over, rank_over = PROPOSED
         vs = _variant_settings(sim, unc_over)
         return order_pool(
             "default", score_pool(view.dets, sim.data, vs), labeled, sim.data, vs, batch=sim.plan.batch,
@@ -852,8 +855,10 @@ def render_plot(results: dict[str, Any], path: Path) -> None:
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=7)
     hw = results["hardware"]
+    n_seeds = len(secs[0]["seeds"])
     fig.suptitle(
-        f"label efficiency ({results['preset']}, {len(secs[0]['seeds'])} seeds, mean and min-max) on {hw['device']}: {hw['cpu']}",
+        f"label efficiency ({results['preset']}, {n_seeds} seed{'s' if n_seeds != 1 else ''}, mean and min-max) "
+        f"on {hw['device']}: {hw['cpu']}",
         fontsize=10,
     )
     fig.tight_layout()

@@ -31,9 +31,9 @@ def _env(ls, model_dir: Path) -> dict[str, str]:
     return {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token, "MODEL_DIR": str(model_dir)}
 
 
-@pytest.mark.skipif(not BCCD.is_dir(), reason="the shared BCCD dataset is not next to the checkout")
 def test_import_bccd_test_split_by_upload_keeps_boxes_aside(label_studio, tmp_path):
     ls = label_studio
+    assert BCCD.is_dir(), f"BCCD not found at {BCCD} (set ANNOLOOP_SHARED_DIR to the shared folder)"
     done = _annoloop(
         "import",
         str(BCCD),
