@@ -732,7 +732,7 @@ def _curve_tables(sec: dict[str, Any]) -> list[str]:
         )
     out += _composition_table(sec)
     g = sec["goal"]
-    if g["default_share_of_random_labels"] is not None or g["labels_goal_met"] is not None:
+    if "default" in sec["summary"]:
         share = g["default_share_of_random_labels"]
         out += [
             "",
@@ -788,7 +788,7 @@ def _proxy_table(sec: dict[str, Any]) -> list[str]:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in p["mean"].items():
-        tag = " (diagnostic)" if name in DIAGNOSTICS else " (proposed config)" if name in VARIANTS else ""
+        tag = " (diagnostic)" if name in DIAGNOSTICS else " (config variant)" if name in VARIANTS else ""
         rho = p.get("spearman_mean", {}).get(name)
         out.append(
             f"| {name}{tag} | {r['top10']:.3f} | {r['ratio10']:.2f} | {r['top20']:.3f} | {r['ratio20']:.2f} | "
@@ -919,7 +919,8 @@ def merge(paths: Sequence[Path]) -> dict[str, Any]:
     for r in runs:
         out["datasets"].update(r["datasets"])
     out["seconds"] = max(r["seconds"] for r in runs)
-    out["merged_from"] = [str(p) for p in paths]
+    # Re-rendering one merged report keeps where its parts came from.
+    out["merged_from"] = [m for r in runs for m in r.get("merged_from", [])] or [str(p) for p in paths]
     return out
 
 
