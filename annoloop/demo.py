@@ -112,6 +112,23 @@ class Stack:
             self.ls = None
 
 
+def redis_server_command(exe: str, port: int, data_dir: Path) -> list[str]:
+    """A private, throw-away redis-server on loopback (nothing saved): the demo's and the tests'."""
+    return [
+        exe,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(data_dir),
+    ]
+
+
 def start_redis(stack: Stack, url: str | None) -> str:
     """The Redis at ``url`` (REDIS_URL, when set and answering), else a private redis-server.
 
@@ -132,22 +149,7 @@ def start_redis(stack: Stack, url: str | None) -> str:
     port = free_port()
     data = stack.workdir / "redis"
     data.mkdir(parents=True, exist_ok=True)
-    stack.spawn(
-        "redis",
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(data),
-        ],
-    )
+    stack.spawn("redis", redis_server_command(exe, port, data))
     own = f"redis://127.0.0.1:{port}/0"
     wait_until(lambda: redis.Redis.from_url(own).ping(), 20, "redis-server")
     return own

@@ -63,7 +63,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so readers see the old or the new file, never a part (fsynced)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
@@ -168,7 +169,7 @@ class ModelStore:
         mv = self.version(project, version)
         if not mv.weights.is_file():
             raise ModelStoreError(f"version {version!r} of project {project!r} has no {WEIGHTS_NAME}")
-        _atomic_write(self.pointer(project), version + "\n")
+        atomic_write_text(self.pointer(project), version + "\n")
         return mv
 
     def publish(self, project: str, version: str, weights: Path, metadata: dict[str, Any]) -> ModelVersion:

@@ -28,10 +28,9 @@ import json
 import logging
 import os
 import shutil
-import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +38,9 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import numpy as np
 
+from annoloop.datasets import read_voc
 from annoloop.model_store import ModelVersion
+from bench.hard_shapes import GeneratedImage as Item
 from config.settings import InferenceSettings, RankingSettings, Settings, load_settings
 from ml_backend import uncertainty as unc
 from ml_backend.inference import Detections
@@ -79,19 +80,6 @@ STRATEGY_HELP: dict[str, str] = {
 
 
 @dataclass
-class Item:
-    """One image of a benchmark with its ground truth: pixel xyxy boxes and class indices."""
-
-    name: str
-    path: Path
-    width: int
-    height: int
-    boxes: np.ndarray
-    classes: np.ndarray
-    tags: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class BenchData:
     """A benchmark: the unlabeled pool the loop draws from and the fixed test set it is scored on."""
 
@@ -113,36 +101,23 @@ def load_bccd(root: Path) -> BenchData:
     Degenerate boxes (zero width or height; two in the dataset) are skipped; boxes are clipped to the image.
     The rare class is the one with the fewest boxes in the pool.
     """
-    root = Path(root)
     classes = ("RBC", "WBC", "Platelets")
+    dataset = read_voc(Path(root))
 
     def split(name: str) -> list[Item]:
         items = []
-        for stem in (root / "ImageSets" / "Main" / f"{name}.txt").read_text().split():
-            ann = ET.parse(root / "Annotations" / f"{stem}.xml").getroot()
-            w = int(float(ann.findtext("size/width", "0")))
-            h = int(float(ann.findtext("size/height", "0")))
-            boxes, cls = [], []
-            for obj in ann.findall("object"):
-                label = (obj.findtext("name") or "").strip()
-                bb = obj.find("bndbox")
-                if label not in classes or bb is None:
-                    continue
-                x0, y0, x1, y1 = (float(bb.findtext(k, "0")) for k in ("xmin", "ymin", "xmax", "ymax"))
-                x0, x1 = max(0.0, min(x0, x1) - 1), min(float(w), max(x0, x1))
-                y0, y1 = max(0.0, min(y0, y1) - 1), min(float(h), max(y0, y1))
-                if x1 - x0 < 1 or y1 - y0 < 1:
-                    continue
-                boxes.append([x0, y0, x1, y1])
-                cls.append(classes.index(label))
+        for im in (im for im in dataset.images if im.split == name):
+            # VOC pixel coordinates are 1-based: the box starts one pixel earlier.
+            kept = [b for b in im.boxes if b.label in classes]
+            boxes = [[max(0.0, b.x0 - 1), max(0.0, b.y0 - 1), b.x1, b.y1] for b in kept]
             items.append(
                 Item(
-                    stem,
-                    root / "JPEGImages" / f"{stem}.jpg",
-                    w,
-                    h,
+                    im.path.stem,
+                    im.path,
+                    im.width,
+                    im.height,
                     np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
-                    np.asarray(cls, dtype=int),
+                    np.asarray([classes.index(b.label) for b in kept], dtype=int),
                 )
             )
         return items

@@ -68,7 +68,9 @@ class HardShapesSpec:
 
 @dataclass
 class GeneratedImage:
-    """One written image with its ground truth (pixel xyxy boxes) and what it was built to stress."""
+    """One benchmark image with its ground truth (pixel xyxy boxes, class indices) and what it stresses.
+
+    The simulation (`bench/al_sim.py`) uses this same type for BCCD images (as ``Item``)."""
 
     name: str
     path: Path

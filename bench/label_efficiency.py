@@ -185,7 +185,7 @@ def load_dataset(plan: DatasetPlan, workdir: Path, bccd_root: Path) -> BenchData
     pool, test = generate(workdir / "data", spec, seed=0)
 
     def items(rows: Sequence[Any]) -> list[Item]:
-        return [Item(g.name, g.path, g.width, g.height, g.boxes, g.classes, g.tags) for g in rows]
+        return list(rows)  # the generator's images are already the simulation's Item type
 
     return BenchData(
         "generated",

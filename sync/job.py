@@ -14,7 +14,6 @@ reconnected ML backend reset its model version: those are always checked and fix
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -32,6 +31,7 @@ import numpy as np
 
 from annoloop.images import ImageError, ImageFetcher
 from annoloop.labelstudio import LabelStudioAccess
+from annoloop.locks import exclusive
 from annoloop.model_store import ModelStore
 from config.settings import Settings, load_settings
 from ml_backend.label_config import Control, LabelConfigError, parse_label_config, select_output
@@ -132,18 +132,8 @@ def _no_progress(stage: str, done: int, total: int) -> None:
     return None
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SyncBusy(f"another sync of this project is running (lock {path})") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _lock(path: Path) -> contextlib.AbstractContextManager[None]:
+    return exclusive(path, lambda: SyncBusy(f"another sync of this project is running (lock {path})"))
 
 
 def _read_state(path: Path) -> dict[str, Any]:

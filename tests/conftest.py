@@ -23,6 +23,7 @@ import pytest
 import requests
 from PIL import Image
 
+from annoloop.demo import redis_server_command
 from annoloop.model_store import DEFAULT_PROJECT, ModelStore
 from training.bootstrap import TEST_RECIPES, cached_starter_model
 from training.synthetic import Shape, render_scene
@@ -68,21 +69,7 @@ def start_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Pope
         raise RuntimeError("redis-server is not installed (apt install redis-server)")
     port = port or free_port()
     proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        redis_server_command(exe, port, workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     client = redis.Redis(port=port)
     for _ in range(100):

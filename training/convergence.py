@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -210,17 +209,9 @@ def _encode(row: HistoryRow) -> list[Any]:
 
 def _write_all(path: Path, rows: list[HistoryRow]) -> None:
     """Replace the file with ``rows`` under the current header, atomically (readers see old or new)."""
-    text = _line(list(COLUMNS)) + "".join(_line(_encode(r)) for r in rows)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from annoloop.model_store import atomic_write_text
+
+    atomic_write_text(path, _line(list(COLUMNS)) + "".join(_line(_encode(r)) for r in rows))
 
 
 def _header(path: Path) -> list[str] | None:

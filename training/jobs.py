@@ -22,7 +22,6 @@ unreachable, another worker holding the project, and everything else are retried
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -31,7 +30,6 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import Any
 
 from annoloop.images import ImageFetcher
 from annoloop.labelstudio import LabelStudioAccess
+from annoloop.locks import exclusive
 from annoloop.model_store import METADATA_NAME, REJECTED_DIR, ModelStore, ModelVersion
 from config.settings import Settings, TrainingSettings, load_settings
 from training.convergence import (
@@ -217,18 +216,11 @@ def prelabel_review(export: ProjectExport, from_name: str) -> PrelabelReview:
     )
 
 
-@contextlib.contextmanager
-def _project_lock(project_dir: Path) -> Iterator[None]:
-    project_dir.mkdir(parents=True, exist_ok=True)
-    with open(project_dir / LOCK_NAME, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TrainingBusy(f"project {project_dir.name} is being trained by another worker") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _project_lock(project_dir: Path) -> contextlib.AbstractContextManager[None]:
+    return exclusive(
+        project_dir / LOCK_NAME,
+        lambda: TrainingBusy(f"project {project_dir.name} is being trained by another worker"),
+    )
 
 
 def _clear_stale_work(work_root: Path) -> None:
