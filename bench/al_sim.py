@@ -63,6 +63,7 @@ STRATEGIES: tuple[str, ...] = (
     "least_confidence",
     "entropy",
     "default",
+    "kcenter",
     "class_balanced",
     "diversity",
 )
@@ -70,7 +71,8 @@ STRATEGY_HELP: dict[str, str] = {
     "random": "uniform random batch (the baseline)",
     "least_confidence": "top-b by the least-confidence component alone",
     "entropy": "top-b by the entropy component alone",
-    "default": "sync.ranking.rank with the configured weights: k-center among top M*b by priority",
+    "default": "sync.ranking.rank as configured: priority (uncertainty percentile + rare class), 10% explore",
+    "kcenter": "uncertainty then k-center: rank with selection kcenter (k-center among top M*b by priority)",
     "class_balanced": "rank with uncertainty_weight 0, class_balance_weight 1 (rare predicted classes)",
     "diversity": "rank without uncertainty (cold-start path): k-center over the embeddings",
 }
@@ -462,6 +464,8 @@ def ranking_settings(strategy: str, settings: Settings, batch: int, seed: int) -
     base = settings.sync.ranking.model_dump() | {"batch_size": batch, "seed": seed}
     if strategy == "class_balanced":
         base |= {"uncertainty_weight": 0.0, "class_balance_weight": 1.0}
+    elif strategy == "kcenter":
+        base |= {"selection": "kcenter"}
     elif strategy == "diversity":
         base |= {"class_balance_weight": 0.0}
     return RankingSettings(**base)
@@ -492,7 +496,7 @@ def order_pool(
     if strategy in ("least_confidence", "entropy"):
         u = component_uncertainty(view, settings, strategy)[unlabeled]
         return unlabeled[np.argsort(-u, kind="stable")]
-    if strategy in ("default", "class_balanced", "diversity"):
+    if strategy in ("default", "kcenter", "class_balanced", "diversity"):
         rs = ranking_settings(strategy, settings, batch, seed)
         if ranking_overrides:
             rs = RankingSettings(**(rs.model_dump() | ranking_overrides))

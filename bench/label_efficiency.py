@@ -80,30 +80,23 @@ DIAGNOSTICS = (
     "margin",
     "confidence_variance",
     "detection_count",
-    "default_no_kcenter",
-    "default_m2",
+    "default_no_explore",
     "oracle",
 )
-#: Configuration changes the evidence points to (config/default.yaml keys, not code), tried in the proxy:
+#: Configuration changes tried in the proxy (config/default.yaml keys, not code):
 #: name -> (uncertainty settings overrides, sync.ranking overrides, ranked by ``rank`` or by u alone).
+#: ``previous_uncertainty`` is the uncertainty configuration before the benchmark's evidence changed it.
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], bool]] = {
-    "uncertainty_top[top_k=10]": ({"top_k": 10}, {}, False),
-    "uncertainty_top[top_k=10,cv=0]": ({"top_k": 10, "weights": {"confidence_variance": 0.0}}, {}, False),
-    "uncertainty_top[top_k=100]": ({"top_k": 100}, {}, False),
-    "default[top_k=10,cv=0]": ({"top_k": 10, "weights": {"confidence_variance": 0.0}}, {}, True),
-    "default[top_k=10,cv=0,M=2]": (
-        {"top_k": 10, "weights": {"confidence_variance": 0.0}},
-        {"candidate_multiplier": 2},
-        True,
+    "default[previous_uncertainty]": ({"top_k": 3, "weights": {"confidence_variance": 0.5}}, {}, True),
+    "uncertainty_top[previous_uncertainty]": (
+        {"top_k": 3, "weights": {"confidence_variance": 0.5}},
+        {},
+        False,
     ),
+    "uncertainty_top[top_k=100]": ({"top_k": 100}, {}, False),
+    "default[top_k=100]": ({"top_k": 100}, {}, True),
 }
-
-#: The configuration change simulated as the extra strategy ``proposed`` (not run unless asked for):
-#: (uncertainty overrides, sync.ranking overrides). ``diverse_batches: 0`` is the default ranking without
-#: its k-center stage (priority order: uncertainty percentile + rare-class term), the "default_no_kcenter"
-#: diagnostic of the proxy, which keeps the dark images and error-rich images k-center passes over.
-PROPOSED: tuple[dict[str, Any], dict[str, Any]] = ({}, {"diverse_batches": 0})
-ALL_STRATEGIES: tuple[str, ...] = (*STRATEGIES, "proposed")
+ALL_STRATEGIES: tuple[str, ...] = STRATEGIES
 
 
 # --------------------------------------------------------------------------- configuration
@@ -328,10 +321,7 @@ def proxy_orders(
         rho[name] = _spearman(cu, err)
         if name not in ("least_confidence", "entropy"):
             out[name] = unlabeled[np.argsort(-cu, kind="stable")]
-    for name, over in (
-        ("default_no_kcenter", {"diverse_batches": 0}),
-        ("default_m2", {"candidate_multiplier": 2}),
-    ):
+    for name, over in (("default_no_explore", {"exploration_fraction": 0.0}),):
         out[name] = order_pool(
             "default", view, labeled, data, settings, batch=batch, seed=seed, rng=_rng(seed, 98),
             ranking_overrides=over,
@@ -394,16 +384,7 @@ def strategy_order(
     seed: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """A simulated strategy's order: the project's strategies, or ``proposed`` (the default ranking with the
-    configuration change the proxy evidence points to, see ``PROPOSED``)."""
-    if strategy == "proposed":
-        assert view is not None
-        unc_over, rank_over = PROPOSED
-        vs = _variant_settings(sim, unc_over)
-        return order_pool(
-            "default", score_pool(view.dets, sim.data, vs), labeled, sim.data, vs, batch=sim.plan.batch,
-            seed=seed, rng=rng, ranking_overrides=rank_over,
-        )  # fmt: skip
+    """A simulated strategy's order of the unlabeled pool (see ``bench.al_sim.order_pool``)."""
     return order_pool(
         strategy, view, labeled, sim.data, sim.settings, batch=sim.plan.batch, seed=seed, rng=rng
     )
@@ -941,7 +922,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--strategies",
         default=None,
-        help=f"comma-separated, of {ALL_STRATEGIES} (default: all but proposed; quick: random,default)",
+        help=f"comma-separated, of {ALL_STRATEGIES} (default: all; quick: random,default)",
     )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder for json/md/png")
     ap.add_argument("--name", default=None, help="output file stem (default label_efficiency[_quick])")

@@ -87,13 +87,13 @@ class UncertaintyWeights(_Section):
     least_confidence: float = Field(1.0, ge=0.0)
     entropy: float = Field(1.0, ge=0.0)
     margin: float = Field(1.0, ge=0.0)
-    confidence_variance: float = Field(0.5, ge=0.0)
+    confidence_variance: float = Field(0.0, ge=0.0)
     detection_count: float = Field(0.25, ge=0.0)
 
 
 class UncertaintySettings(_Section):
     aggregation: Literal["mean", "max", "topk_sum"] = "topk_sum"
-    top_k: int = Field(3, ge=1)
+    top_k: int = Field(10, ge=1)
     empty_floor: float = Field(0.5, ge=0.0, le=1.0)
     count_half_saturation: float = Field(5.0, gt=0.0)
     weights: UncertaintyWeights = UncertaintyWeights()
@@ -152,6 +152,7 @@ class RankingSettings(_Section):
     exploration_fraction: float = Field(0.1, ge=0.0, le=1.0)
     clusters: int = Field(8, ge=1)
     seed: int = Field(0, ge=0)
+    selection: Literal["priority", "kcenter"] = "priority"
 
 
 class SyncSettings(_Section):

@@ -233,7 +233,7 @@ class UncertaintyConfig:
 
     weights: Mapping[str, float]  # keys are ComponentName values
     aggregation: Aggregation = "topk_sum"
-    top_k: int = 3
+    top_k: int = 10
     empty_floor: float = 0.5  # value for an image with no detection at all
     count_half_saturation: float = 5.0
 

@@ -12,17 +12,23 @@ Algorithm of ``rank`` (pure numpy, deterministic for a seed):
    ``class_rarity`` among the classes predicted in image ``i`` (0 when none is predicted). priority =
    (w_u * u + w_c * rare) / (w_u + w_c), counting only the terms whose inputs are given, so it lies in
    [0, 1]. Cold start (no uncertainty): the rare term alone, or zeros without class predictions.
-2. Diverse batches. For each of ``diverse_batches`` batches: the candidates are the top
-   ``candidate_multiplier x batch_size`` remaining entries by priority (cold start: every remaining entry,
-   as diversity is then the only signal). ``batch_size - n_explore`` of them are chosen by k-center greedy
-   (farthest-first), covered points being the labeled set plus everything picked so far, which spreads a
-   batch over distinct scenes and away from what is already labeled. ``n_explore =
-   round(exploration_fraction * batch_size)`` entries are drawn uniformly at random from the rest of the
-   remaining pool (not only the candidates, so low-priority regions get a chance to prove the priority
-   wrong) and put at random places in the batch. A last, partial batch uses round(fraction x its size);
-   ``round`` is Python's (half to even). Within a batch the k-center picks keep their farthest-first
+2. Head batches. For each of ``diverse_batches`` batches, ``batch_size - n_explore`` entries are chosen by
+   ``selection``: ``priority`` (the default) takes the highest-priority remaining entries; ``kcenter``
+   takes them by k-center greedy (farthest-first) among the top ``candidate_multiplier x batch_size``
+   remaining entries by priority, covered points being the labeled set plus everything picked so far,
+   which spreads a batch over distinct embeddings and away from what is already labeled. Cold start (no
+   uncertainty) always uses k-center over every remaining entry, as diversity is then the only signal.
+   ``n_explore = round(exploration_fraction * batch_size)`` entries are drawn uniformly at random from the
+   rest of the remaining pool (not only the candidates, so low-priority regions get a chance to prove the
+   priority wrong) and put at random places in the batch. A last, partial batch uses round(fraction x its
+   size); ``round`` is Python's (half to even). Within a batch the k-center picks keep their farthest-first
    order; with nothing covered yet the first is the highest-priority candidate (cold start: the one
    nearest the pool mean), and equal distances also go to higher priority, then nearness to the mean.
+   Why ``priority`` is the default: in the label-efficiency benchmark (bench/label_efficiency.py) the
+   pooled backbone embedding of a small detector is nearly one-dimensional (one direction held 93% of the
+   variance on the generated set; a near-duplicate frame was no closer than another scene), so k-center
+   on it picked extremes of that direction, skipped the dark shifted domain and lowered the share of
+   real errors in the batches; priority order alone did better (see the README's figures).
 3. Tail. The rest follows by priority descending; at cold start by squared distance to the nearest
    labeled or picked point, descending, so coverage goes on. Ties go to the smaller task id.
 4. Clusters. ``cluster`` = k-means labels of the (L2-normalised) pool embeddings, for reporting and
@@ -36,6 +42,7 @@ entry, the squared distance to the nearest covered point and updates it after ea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -65,8 +72,13 @@ class RankingConfig:
     exploration_fraction: float = 0.1
     clusters: int = 8
     seed: int = 0
+    selection: Literal["priority", "kcenter"] = "priority"
 
     def __post_init__(self) -> None:
+        if self.selection not in ("priority", "kcenter"):
+            raise ValueError(
+                f"RankingConfig: selection must be 'priority' or 'kcenter', got {self.selection!r}"
+            )
         if self.uncertainty_weight < 0 or self.class_balance_weight < 0:
             raise ValueError("RankingConfig: weights must be >= 0")
         if self.candidate_multiplier < 1:
@@ -402,13 +414,18 @@ def rank(pool: Pool, labeled: Labeled, cfg: RankingConfig) -> Ranking:
             break
         batch_len = min(cfg.batch_size, remaining)
         n_explore = round(cfg.exploration_fraction * batch_len)
-        if cold:
-            candidates = avail
+        if not cold and cfg.selection == "priority":
+            kc = by_priority[avail[by_priority]][: batch_len - n_explore].tolist()
+            for j in kc:
+                _cover_with(emb, cover, emb[j])
         else:
-            top = by_priority[avail[by_priority]][: cfg.candidate_multiplier * cfg.batch_size]
-            candidates = np.zeros(n, dtype=bool)
-            candidates[top] = True
-        kc = _farthest_first(emb, batch_len - n_explore, cover, kc_tie_rank, candidates)
+            if cold:
+                candidates = avail
+            else:
+                top = by_priority[avail[by_priority]][: cfg.candidate_multiplier * cfg.batch_size]
+                candidates = np.zeros(n, dtype=bool)
+                candidates[top] = True
+            kc = _farthest_first(emb, batch_len - n_explore, cover, kc_tie_rank, candidates)
         avail[kc] = False
 
         # Exploration draws from everything still unpicked, not only the candidates.
@@ -417,7 +434,7 @@ def rank(pool: Pool, labeled: Labeled, cfg: RankingConfig) -> Ranking:
         for j in explore:
             _cover_with(emb, cover, emb[j])
         avail[explore] = False
-        source[kc] = SOURCE_KCENTER
+        source[kc] = SOURCE_KCENTER if cold or cfg.selection == "kcenter" else SOURCE_PRIORITY
         source[explore] = SOURCE_EXPLORE
 
         batch = np.empty(len(kc) + len(explore), dtype=np.intp)

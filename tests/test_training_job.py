@@ -30,7 +30,7 @@ from config.settings import Settings, TrainingSettings, load_settings
 from tests.conftest import REPO, free_port, publish
 from training.dataset import ImageCache, build_dataset, split_of
 from training.export import LabelStudioUnavailable, ProjectNotFound, export_project
-from training.fit import plan_run
+from training.fit import plan_run, train_args
 from training.jobs import REJECTED_DIR, InvalidProject, decide, run_training
 from training.synthetic import render_scene
 
@@ -189,6 +189,31 @@ def test_learning_rate_policy():
     assert (second.kind, second.epochs, second.lr0, second.warmup_epochs) == ("finetune", 8, 0.005, 0.0)
     assert plan_run(t, Path("/m/7/v2/model.pt"), 2).lr0 == pytest.approx(0.0025)
     assert plan_run(t, Path("/m/7/v9/model.pt"), 9).lr0 == 0.001  # floored
+
+
+@dataclass
+class _Split:
+    data_yaml: Path
+    train_ids: list[int]
+
+
+def test_small_training_splits_step_every_batch():
+    """Below 64 images: about four batches an epoch and no accumulation (nbs = batch), so 16 images do not
+    get one optimizer step every four epochs; a big split and an explicit nbs are left alone."""
+    t = TrainingSettings(batch=16)
+    plan = plan_run(t, None, 0)
+
+    def args(n: int, settings: TrainingSettings = t) -> dict:
+        return train_args(settings, plan, _Split(Path("d.yaml"), list(range(n))), "cpu", Path("/r"))  # type: ignore[arg-type]
+
+    assert (args(16)["batch"], args(16)["nbs"]) == (4, 4)
+    assert (args(5)["batch"], args(5)["nbs"]) == (2, 2)
+    assert (args(63)["batch"], args(63)["nbs"]) == (15, 15)
+    assert args(64)["batch"] == 16 and "nbs" not in args(64)
+    assert (args(200)["batch"], "nbs" in args(200)) == (16, False)
+    explicit = TrainingSettings(batch=16, train_args={"nbs": 8})
+    assert (args(16, explicit)["batch"], args(16, explicit)["nbs"]) == (4, 8)
+    assert args(40, TrainingSettings(batch=4))["batch"] == 4  # never above the configured batch
 
 
 # --- export + dataset against Label Studio --------------------------------------------------------------

@@ -10,6 +10,11 @@ floored at ``lr_min``, because each version starts closer to where it should end
 ultralytics' ``optimizer=auto`` would ignore ``lr0`` (it picks its own), so the optimizer is explicit.
 The candidate is the *last* epoch's weights, never a "best" checkpoint chosen on the held-out split: the
 held-out tasks must not influence training in any way, selection included.
+
+Small projects (fewer training images than ultralytics' nominal batch, ``nbs`` 64) train with a smaller
+batch and without gradient accumulation: ultralytics steps the optimizer once per ``nbs`` images, across
+epochs, so 16 images in a batch of 16 would get one step every four epochs (the label-efficiency bench saw
+mAP50 0.05 after a base run on 20 images that way, 0.72 with batch 4 and no accumulation).
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from config.settings import TrainingSettings
 from training.dataset import Dataset
 
 log = logging.getLogger(__name__)
+
+#: ultralytics' nominal batch size: below this many training images a project counts as small.
+NOMINAL_BATCH = 64
 
 #: Arguments the job always sets itself; ``training.train_args`` cannot change them.
 MANAGED_ARGS = frozenset(
@@ -66,10 +74,30 @@ def plan_run(settings: TrainingSettings, parent_weights: Path | None, own_versio
     return RunPlan("scratch", settings.model, settings.base_epochs, settings.lr0, 0, None)
 
 
+def small_set_batch(settings: TrainingSettings, train_images: int | None) -> tuple[int, int | None]:
+    """(batch, nbs) for a training split of ``train_images``: the configured batch and ultralytics' own
+    ``nbs`` for a big split; for a small one about four batches an epoch and one optimizer step each
+    (``nbs`` = batch), unless ``training.train_args`` sets ``nbs`` itself."""
+    if train_images is None or train_images >= NOMINAL_BATCH:
+        return settings.batch, None
+    batch = min(settings.batch, max(2, train_images // 4))
+    return batch, None if "nbs" in settings.train_args else batch
+
+
 def train_args(
-    settings: TrainingSettings, plan: RunPlan, dataset: Dataset, device: str, runs: Path
+    settings: TrainingSettings,
+    plan: RunPlan,
+    dataset: Dataset,
+    device: str,
+    runs: Path,
+    train_images: int | None = None,
 ) -> dict[str, Any]:
-    """The keyword arguments of ``YOLO.train`` for this run (pure, so the model card can record them)."""
+    """The keyword arguments of ``YOLO.train`` for this run (pure, so the model card can record them).
+
+    ``train_images``: size of the training split (default: the dataset's), for the small-project batch."""
+    if train_images is None:
+        train_images = len(getattr(dataset, "train_ids", None) or []) or None
+    batch, nbs = small_set_batch(settings, train_images)
     args: dict[str, Any] = {
         "val": False,  # per-epoch validation would run on the held-out split; we evaluate separately
         "patience": 10**6,  # nothing to stop on without validation: the configured epochs are the contract
@@ -79,12 +107,14 @@ def train_args(
     }
     if plan.warmup_epochs is not None:
         args["warmup_epochs"] = plan.warmup_epochs
+    if nbs is not None:
+        args["nbs"] = nbs
     args.update({k: v for k, v in settings.train_args.items() if k not in MANAGED_ARGS})
     args.update(
         data=str(dataset.data_yaml),
         epochs=plan.epochs,
         imgsz=settings.imgsz,
-        batch=settings.batch,
+        batch=batch,
         lr0=plan.lr0,
         optimizer=settings.optimizer,
         device=device,

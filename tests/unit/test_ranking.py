@@ -45,7 +45,13 @@ def test_near_duplicates_are_not_picked_together():
     group = np.arange(n_groups * per) // per
     # Adversarial uncertainty: by priority alone all five copies of group 0 come first, then group 1 ...
     u = 0.99 - 0.01 * group - 0.001 * (np.arange(n_groups * per) % per)
-    cfg = RankingConfig(batch_size=10, candidate_multiplier=5, exploration_fraction=0.0, diverse_batches=1)
+    cfg = RankingConfig(
+        batch_size=10,
+        candidate_multiplier=5,
+        exploration_fraction=0.0,
+        diverse_batches=1,
+        selection="kcenter",
+    )
     r = rank(Pool(ids=np.arange(len(emb)), embeddings=emb, uncertainty=u), no_labeled(), cfg)
     first = r.order[:10]
     assert sorted(group[first].tolist()) == list(range(n_groups))
@@ -59,7 +65,9 @@ def test_kcenter_stays_away_from_labeled_set():
     # Group 0 is the most uncertain but already labeled (same embeddings, up to the noise).
     u = np.where(group == 0, 0.95, 0.5) + 0.001 * np.arange(len(emb))
     labeled = Labeled(embeddings=emb[group == 0] + 1e-4)
-    cfg = RankingConfig(batch_size=4, candidate_multiplier=5, exploration_fraction=0.0, diverse_batches=1)
+    cfg = RankingConfig(
+        batch_size=4, candidate_multiplier=5, exploration_fraction=0.0, diverse_batches=1, selection="kcenter"
+    )
     r = rank(Pool(ids=np.arange(len(emb)), embeddings=emb, uncertainty=u), labeled, cfg)
     assert sorted(group[r.order[:4]].tolist()) == [1, 2, 3, 4]
 
@@ -146,10 +154,53 @@ def test_order_follows_uncertainty_when_diversity_is_irrelevant():
     # One-hot embeddings: every pair (and every pair with the labeled points) is equally far apart.
     emb = np.eye(16)[:n]
     labeled = Labeled(embeddings=np.eye(16)[n:])
-    cfg = RankingConfig(batch_size=1, exploration_fraction=0.0, diverse_batches=3)
+    cfg = RankingConfig(batch_size=1, exploration_fraction=0.0, diverse_batches=3, selection="kcenter")
     r = rank(Pool(ids=np.arange(n), embeddings=emb, uncertainty=u), labeled, cfg)
     assert r.order.tolist() == np.argsort(-u).tolist()
     assert r.source[r.order[:3]].tolist() == ["k-center"] * 3
+
+
+def test_priority_selection_heads_the_queue_by_priority_whatever_the_embeddings():
+    """The default: the head batches are the highest-priority entries (near-duplicates included), the
+    exploration share random; k-center would have spread the first batch over the groups instead."""
+    n_groups, per, batch = 10, 5, 10
+    emb = groups(n_groups, per)
+    group = np.arange(n_groups * per) // per
+    u = 0.99 - 0.01 * group - 0.001 * (np.arange(n_groups * per) % per)  # group 0 first, then group 1, ...
+    cfg = RankingConfig(batch_size=batch, exploration_fraction=0.0, diverse_batches=2)
+    assert cfg.selection == "priority"
+    r = rank(Pool(ids=np.arange(len(emb)), embeddings=emb, uncertainty=u), no_labeled(), cfg)
+    assert r.order.tolist() == list(range(n_groups * per))  # u strictly decreasing along the rows
+    assert set(r.source.tolist()) == {"priority"}
+
+    cfg = RankingConfig(batch_size=batch, exploration_fraction=0.2, diverse_batches=2, seed=3)
+    r = rank(Pool(ids=np.arange(len(emb)), embeddings=emb, uncertainty=u), no_labeled(), cfg)
+    for b in range(2):
+        head = r.order[b * batch : (b + 1) * batch]
+        assert (r.source[head] == "explore").sum() == 2
+        picked = head[r.source[head] == "priority"]
+        # Batch 1: rows 0..7; batch 2: the next 8 rows by priority not taken by batch 1's exploration.
+        taken = set(r.order[: b * batch].tolist())
+        expected = [i for i in range(n_groups * per) if i not in taken][:8]
+        assert sorted(picked.tolist()) == expected
+
+
+def test_cold_start_uses_kcenter_even_with_priority_selection():
+    n_groups, per = 6, 4
+    emb = groups(n_groups, per)
+    group = np.arange(n_groups * per) // per
+    r = rank(
+        Pool(ids=np.arange(len(emb)), embeddings=emb),
+        no_labeled(),
+        RankingConfig(batch_size=6, exploration_fraction=0.0, diverse_batches=1),
+    )
+    assert sorted(group[r.order[:6]].tolist()) == list(range(n_groups))
+    assert set(r.source[r.order[:6]].tolist()) == {"k-center"}
+
+
+def test_unknown_selection_is_refused():
+    with pytest.raises(ValueError, match="selection"):
+        RankingConfig(selection="random")  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- exploration
@@ -170,6 +221,7 @@ def test_exploration_fraction_is_honoured():
             exploration_fraction=0.2,
             diverse_batches=3,
             seed=seed,
+            selection="kcenter",
         )
         r = rank(Pool(ids=np.arange(n), embeddings=emb, uncertainty=u), no_labeled(16), cfg)
         for b in range(3):
@@ -213,7 +265,7 @@ def test_no_exploration_when_fraction_is_zero():
     r = rank(
         Pool(np.arange(50), rng.normal(size=(50, 4)), rng.random(50)),
         no_labeled(4),
-        RankingConfig(batch_size=10, exploration_fraction=0.0),
+        RankingConfig(batch_size=10, exploration_fraction=0.0, selection="kcenter"),
     )
     assert "explore" not in set(r.source.tolist())
     assert (r.source == "k-center").sum() == 30

@@ -386,7 +386,7 @@ def test_detection_single_class_model_falls_back_to_confidence():
 
 
 def test_detection_confident_image_scores_lower_than_ambiguous():
-    cfg = UncertaintyConfig(weights={"least_confidence": 1.0, "entropy": 1.0, "margin": 1.0})
+    cfg = UncertaintyConfig(weights={"least_confidence": 1.0, "entropy": 1.0, "margin": 1.0}, top_k=3)
     # confident: one-hot-ish rows with high confidence -> every per-region measure small
     confident = detection_uncertainty(
         np.array([[0.95, 0.01, 0.0], [0.0, 0.9, 0.02]]), np.array([0.95, 0.9]), cfg
