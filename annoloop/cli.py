@@ -581,6 +581,13 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--workdir", default=str(Path.home() / ".cache" / "annoloop" / "demo"))
     dm.add_argument("--title", default="annoloop demo")
     dm.add_argument("--images", type=int, default=240, help="size of the built-in image set")
+    dm.add_argument(
+        "--test-images",
+        type=int,
+        default=60,
+        help="built-in set: extra scenes, never imported, that score every served model (a dataset's own "
+        "test split plays that part for --data)",
+    )
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--rounds", type=int, default=3, help="annotator rounds to play before handing over")
     dm.add_argument(

@@ -181,6 +181,7 @@ class Round:
     promoted: bool | None
     queue_version: str | None
     seconds: float
+    holdout_tasks: int | None = None
 
 
 class Annotator:
@@ -266,13 +267,16 @@ def play_round(
         row.promoted,
         queue_version,
         round(time.monotonic() - started, 1),
+        row.holdout_tasks,
     )
 
 
 def run_demo(args: Any) -> int:
     from annoloop.datasets import read_dataset
     from annoloop.demo_data import write_demo_dataset
+    from annoloop.demo_eval import TestScore, score_model, write_curve
     from annoloop.labelstudio import LabelStudioAccess
+    from annoloop.model_store import DEFAULT_PROJECT, ModelStore
     from annoloop.project_setup import connect_backend, import_dataset
     from config.settings import load_settings
     from sync.job import sync_project
@@ -295,6 +299,18 @@ def run_demo(args: Any) -> int:
             data_root = write_demo_dataset(files_root / "demo-shapes", n=args.images, seed=args.seed)
             fmt = "voc"
         dataset = read_dataset(fmt, data_root)
+        groups: dict[str, Callable[[Any], bool]] = {}
+        if args.data:
+            test_images = [im for im in dataset.images if im.split == "test"]  # not imported (below)
+        else:
+            test_root = write_demo_dataset(
+                workdir / "test-set" / "demo-shapes", n=args.test_images, seed=args.seed + 1000
+            )
+            test_images = read_dataset("voc", test_root).images
+            groups = {
+                "day": lambda im: "night" not in im.path.name,
+                "night": lambda im: "night" in im.path.name,
+            }
         say(f"annoloop demo in {workdir}")
         say(f"data: {fmt} {data_root}: {len(dataset.images)} images, labels {', '.join(dataset.labels)}")
 
@@ -365,6 +381,31 @@ def run_demo(args: Any) -> int:
 
         truth = json.loads((workdir / "ground-truth" / "ground_truth.json").read_text())
         annotator = Annotator(ls, project, truth)
+        store = ModelStore(model_dir)
+        curve: list[TestScore] = []
+
+        def score_served(labels: int) -> None:
+            """Score the model the backend serves now on the fixed test set (once per version)."""
+            served = store.current(str(project)) or store.current(DEFAULT_PROJECT)
+            if served is None or not test_images:
+                return
+            if curve and curve[-1].version == served.version:
+                last = curve[-1]
+                curve.append(TestScore(last.version, labels, last.map50, last.map50_95))
+            else:
+                scored = score_model(
+                    served.weights,
+                    served.version,
+                    labels,
+                    test_images,
+                    groups,
+                    imgsz=int(training["imgsz"]),
+                    workdir=workdir / "test-scores",
+                )
+                curve.append(scored)
+            say(f"  served {served.version}: {curve[-1].line()} on {len(test_images)} images nobody labels")
+
+        score_served(0)
         for r in range(1, args.rounds + 1):
             say(f"round {r}/{args.rounds}: labeling {args.per_round} tasks in queue order")
             got = play_round(stack, annotator, model_dir, args.per_round, args.round_timeout, say)
@@ -372,13 +413,18 @@ def run_demo(args: Any) -> int:
             mAP95 = "-" if got.heldout_map50_95 is None else f"{got.heldout_map50_95:.3f}"
             say(
                 f"round {r}: {got.labels} labels, model {got.version} "
-                f"({'promoted' if got.promoted else 'not promoted'}), held-out mAP50 {mAP}, mAP50-95 {mAP95}, "
+                f"({'promoted' if got.promoted else 'not promoted'}), held-out mAP50 {mAP}, mAP50-95 {mAP95}"
+                f"{'' if got.holdout_tasks is None else f' ({got.holdout_tasks} held-out tasks)'}, "
                 f"queue ordered by {got.queue_version or 'the previous version'} ({got.seconds:.0f} s)"
             )
+            score_served(got.labels)
         from training.report import write_report
 
         png, table = write_report(_history(model_dir, project), workdir / "report", str(project))
-        say(f"learning curve: {png}\n{Path(table).read_text()}")
+        say(f"training history: {png}\n{Path(table).read_text()}")
+        if curve:
+            cpng, cmd = write_curve(curve, workdir / "report", f"annoloop demo: project {project}")
+            say(f"learning curve on the fixed test set: {cpng}\n{cmd.read_text()}")
         say(
             "\nEverything keeps running. Open the project and label on:\n"
             f"  {ls.url}/projects/{project}/data   login {ls.username} / {ls.password}\n"

@@ -105,6 +105,7 @@ class ConvergenceSettings(_Section):
     plateau_min_gain: float = Field(0.005, ge=0.0)
     max_overfit_gap: float | None = Field(0.25, ge=0.0)
     max_versions: int | None = Field(50, ge=1)
+    min_holdout_tasks: int = Field(20, ge=0)
 
 
 class TrainingSettings(_Section):

@@ -59,6 +59,7 @@ class HistoryRow:
     prelabel_rejected: int | None = None  # ... deleted ...
     prelabel_added: int | None = None  # ... and how many regions they drew that it missed
     prelabel_acceptance: float | None = None  # accepted / predicted
+    holdout_tasks: int | None = None  # held-out tasks behind the scores (None: rows from before the count)
     reason: str = ""  # why promoted or not, in words
     model_card: str = ""  # path of the version's (or rejected candidate's) metadata.json
 
@@ -67,6 +68,7 @@ COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(HistoryRow))
 _BOOL = {"promoted"}
 _INT = {"labeled_tasks"}
 _OPT_INT = {
+    "holdout_tasks",
     "prelabel_predicted",
     "prelabel_accepted",
     "prelabel_corrected",
@@ -84,6 +86,7 @@ class ConvergenceRules:
     plateau_min_gain: float = 0.005  # ... with the best before them; gaining less than this is a plateau
     max_overfit_gap: float | None = 0.25  # train minus held-out mAP50 above this: overfitting
     max_versions: int | None = 50  # trainings in all (promoted or not)
+    min_holdout_tasks: int = 20  # the other rules judge only trainings scored on at least this many tasks
 
 
 @dataclass(frozen=True)
@@ -287,6 +290,13 @@ def decide(history: list[HistoryRow], rules: ConvergenceRules) -> Decision:
     version budget is spent; the reason is what `annoloop status` shows."""
     if not history:
         return Decision(True, "no training yet")
+    if rules.max_versions is not None and len(history) >= rules.max_versions:
+        return Decision(False, f"version budget spent: {len(history)} trainings (max {rules.max_versions})")
+    # A held-out set of a few tasks scores 0.99 or 0.5 by chance: such trainings stop nothing. Rows written
+    # before the count was recorded (None) are judged as they were.
+    history = [r for r in history if r.holdout_tasks is None or r.holdout_tasks >= rules.min_holdout_tasks]
+    if not history:
+        return Decision(True, f"too few held-out tasks to judge yet (fewer than {rules.min_holdout_tasks})")
     promoted = [r for r in history if r.promoted]
     best = max((r.heldout_map50 for r in promoted), default=0.0)
     if rules.target_map50 is not None and best >= rules.target_map50:
@@ -310,6 +320,4 @@ def decide(history: list[HistoryRow], rules: ConvergenceRules) -> Decision:
                 False,
                 f"plateau: the last {k} trainings gained {recent - before:+.3f} mAP50 (< {rules.plateau_min_gain})",
             )
-    if rules.max_versions is not None and len(history) >= rules.max_versions:
-        return Decision(False, f"version budget spent: {len(history)} trainings (max {rules.max_versions})")
     return Decision(True, f"improving: best held-out mAP50 {best:.3f}")

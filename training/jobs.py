@@ -524,6 +524,7 @@ def _run(
             prelabel_acceptance=served_review.to_dict()["acceptance_rate"] if served_review else None,
             reason="; ".join(decision.reasons),
             model_card=str(card_path),
+            holdout_tasks=len(dataset.holdout_ids),
         ),
     )
     log.info(

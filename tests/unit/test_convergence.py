@@ -42,6 +42,22 @@ def test_overfitting_stops():
     assert not d.keep_training and d.reason.startswith("overfitting") and "0.350" in d.reason
 
 
+def test_a_handful_of_held_out_tasks_stops_nothing():
+    rules = ConvergenceRules(target_map50=0.9, plateau_window=1, max_overfit_gap=0.3, min_holdout_tasks=20)
+
+    def small(v: int, m: float, n_holdout: int, train: float | None = None) -> HistoryRow:
+        return HistoryRow(f"v{v}", True, 20 * v, m, m / 2, train, "t", holdout_tasks=n_holdout)
+
+    # 0.995 on 4 held-out tasks, then a plateau and an overfitting gap on 8: nothing to judge yet.
+    d = decide([small(1, 0.995, 4), small(2, 0.5, 8, train=0.99)], rules)
+    assert d.keep_training and "too few held-out tasks" in d.reason
+    # The same score on 20 tasks reaches the target.
+    d = decide([small(1, 0.995, 4), small(2, 0.95, 20)], rules)
+    assert not d.keep_training and "0.950" in d.reason
+    # Rows without the count (older histories) are judged as before.
+    assert not decide([row(1, 0.95)], rules).keep_training
+
+
 def test_version_budget():
     rules = ConvergenceRules(target_map50=None, plateau_window=50, max_overfit_gap=None, max_versions=3)
     d = decide([row(1, 0.1), row(2, 0.2), row(3, 0.3)], rules)
@@ -51,6 +67,7 @@ def test_version_budget():
 def test_history_round_trip_and_report(tmp_path):
     path = tmp_path / "p" / "history.csv"
     rows = [row(1, 0.3, train=0.4), row(2, 0.5, promoted=False), row(3, 0.6)]
+    rows[2] = HistoryRow(**{**rows[2].__dict__, "holdout_tasks": 12})
     for r in rows:
         append_row(path, r)
     assert read_history(path) == rows
