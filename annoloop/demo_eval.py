@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -78,6 +79,7 @@ def score_model(
     """Score ``weights`` on ``images``, on all of them and on each group's share."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from ultralytics import YOLO
+    from ultralytics.utils import LOGGER
 
     names = [str(n) for _, n in sorted(YOLO(str(weights)).names.items())]
     m50: dict[str, float | None] = {}
@@ -91,11 +93,16 @@ def score_model(
         shutil.rmtree(root, ignore_errors=True)
         data = _write_yolo(chosen, names, root / "data")
         model = YOLO(str(weights))  # a fresh model per val: val() keeps state between calls
-        with contextlib.redirect_stdout(io.StringIO()):
-            metrics: Any = model.val(
-                data=str(data), imgsz=imgsz, batch=16, device=device, plots=False, verbose=False,
-                project=str(root), name="val", workers=0,
-            )  # fmt: skip
+        level = LOGGER.level
+        LOGGER.setLevel(logging.WARNING)  # val() logs its table and speeds; the demo prints one line instead
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                metrics: Any = model.val(
+                    data=str(data), imgsz=imgsz, batch=16, device=device, plots=False, verbose=False,
+                    project=str(root), name="val", workers=0,
+                )  # fmt: skip
+        finally:
+            LOGGER.setLevel(level)
         m50[group] = float(metrics.box.map50)
         m5095[group] = float(metrics.box.map)
         shutil.rmtree(root, ignore_errors=True)

@@ -412,6 +412,7 @@ def test_first_model_is_published_then_a_candidate_that_is_not_better_is_rejecte
     assert first_row.data_fingerprint == card["data_fingerprint"] and first_row.parent == ""
     assert row.data_fingerprint == rcard["data_fingerprint"] and row.parent == f"{project}/{first['version']}"
     assert row.labeled_tasks == len(train_ids) + len(holdout_ids)
+    assert row.holdout_tasks == len(holdout_ids)  # what the stop rules weigh
     assert row.heldout_map50 == pytest.approx(result["metrics"]["candidate"]["mAP50"])
     # The training-split mAP50 the overfitting rule needs is there, from the same evaluation code.
     assert row.train_map50 == pytest.approx(rcard["metrics"]["train"]["overall"]["mAP50"])
