@@ -61,9 +61,10 @@ def cmd_starter_model(args: argparse.Namespace) -> int:
     if store.version(DEFAULT_PROJECT, version).weights.is_file():
         mv = store.set_current(DEFAULT_PROJECT, version)
     else:
-        mv = store.publish(
-            DEFAULT_PROJECT, version, weights, {"source": "starter", "task": task, "recipe": recipe}
-        )
+        from training.synthetic import CLASSES
+
+        meta = {"source": "starter", "task": task, "recipe": recipe, "classes": list(CLASSES)}
+        mv = store.publish(DEFAULT_PROJECT, version, weights, meta)
     print(f"published {mv.version} as the default model: {mv.weights}")
     return 0
 
@@ -604,8 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument(
         "--cold-start",
         action="store_true",
-        help="built-in set only: no starter model; the queue starts by diversity and the first model is trained "
-        "from the first labels (needs more rounds and epochs to get anywhere on a CPU)",
+        help="no starter model: the queue starts by diversity and the first model is trained from scratch on the "
+        "first labels (needs more rounds and epochs to get anywhere on a CPU)",
     )
     dm.set_defaults(func=cmd_demo)
 

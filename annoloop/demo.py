@@ -351,7 +351,10 @@ def run_demo(args: Any) -> int:
         )  # the in-process parts (import, connect, first sync) use the same settings
         settings = load_settings()
         exe = str(Path(sys.executable).parent / "annoloop")
-        if not args.cold_start and not args.data:
+        if not args.cold_start:
+            # For a dataset of its own classes the starter gives no usable pre-labels, but the first model
+            # trains from its weights (a base run), which learns far more from 20 labels than a model from
+            # scratch (the label-efficiency bench's BCCD runs start the same way).
             say("default model: the generated-shapes starter model (trained once, cached) ...")
             subprocess.run([exe, "starter-model"], env={**os.environ}, check=True, stdout=subprocess.DEVNULL)
         port = free_port(args.backend_port)

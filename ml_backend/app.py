@@ -131,7 +131,8 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Flask:
         if version is None:
             # No model: answer no predictions at all. Label Studio stores nothing for an empty list and asks
             # again later, instead of storing empty predictions under a placeholder version.
-            return jsonify(results=[], model_version=None, error="no model is loaded for this project")
+            why = outcomes[0].error if outcomes else None
+            return jsonify(results=[], model_version=None, error=why or "no model is loaded for this project")
         results = []
         for o in outcomes:
             item: dict[str, Any] = {"result": o.result, "score": o.score, "model_version": version}

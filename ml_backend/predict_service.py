@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from annoloop.images import ImageError, ImageFetcher
+from annoloop.model_store import DEFAULT_PROJECT
 from config.settings import Settings
 from ml_backend import uncertainty as unc
 from ml_backend.inference import Detections
@@ -22,6 +23,11 @@ from ml_backend.model_holder import LoadedModel, ModelRegistry
 from ml_backend.regions import to_results
 
 log = logging.getLogger(__name__)
+
+#: Why a project gets no predictions while only a default model of other classes is served.
+NO_MODEL_FOR_LABELS = (
+    "the default model knows none of this project's labels; pre-labels start with the project's first model"
+)
 
 
 class BadRequest(ValueError):
@@ -130,20 +136,40 @@ class PredictService:
         try:
             select_output(controls, model.task, model.names)
         except LabelConfigError as e:
+            if self._is_foreign_default(model, project):
+                return None
             raise BadRequest(str(e)) from None
         return model.version
+
+    def _is_foreign_default(self, model: LoadedModel, project: str) -> bool:
+        """The default model serving a project whose labels it does not know counts as no model: the project
+        can still connect, and its first training starts from these weights (features transfer), but there is
+        nothing to pre-label with. A project's own model that does not fit its config stays an error."""
+        if model.project != DEFAULT_PROJECT or project == DEFAULT_PROJECT:
+            return False
+        log.info(
+            "the default model knows none of this project's labels: no pre-labels until its first model",
+            extra={"project": project, "model_version": model.version, "classes": list(model.names.values())},
+        )
+        return True
 
     def predict(
         self, project: str, tasks: list[Any], label_config: str
     ) -> tuple[str | None, list[TaskOutcome]]:
         try:
-            parse_label_config(label_config)
+            controls = parse_label_config(label_config)
         except LabelConfigError as e:
             raise BadRequest(str(e)) from None
         model = self.model_for(project)  # one reference for the whole request, whatever swaps meanwhile
         if model is None:
             return None, [TaskOutcome(error="no model is loaded for this project") for _ in tasks]
-        return model.version, self.predict_with(model, self.output_spec(label_config, model), project, tasks)
+        try:
+            spec = select_output(controls, model.task, model.names)
+        except LabelConfigError as e:
+            if self._is_foreign_default(model, project):
+                return None, [TaskOutcome(error=NO_MODEL_FOR_LABELS) for _ in tasks]
+            raise BadRequest(str(e)) from None
+        return model.version, self.predict_with(model, spec, project, tasks)
 
     def predict_with(
         self,

@@ -32,7 +32,7 @@ import numpy as np
 from annoloop.images import ImageError, ImageFetcher
 from annoloop.labelstudio import LabelStudioAccess
 from annoloop.locks import exclusive
-from annoloop.model_store import ModelStore
+from annoloop.model_store import DEFAULT_PROJECT, ModelStore, ModelVersion
 from config.settings import Settings, load_settings
 from ml_backend.label_config import Control, LabelConfigError, parse_label_config, select_output
 from ml_backend.model_holder import LoadedModel
@@ -178,6 +178,22 @@ def _stamp(now: datetime) -> str:
     return now.strftime("%Y%m%dT%H%M%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
+def _default_fits(served: ModelVersion, label_config: str) -> bool:
+    """Whether a *default* model can label this project, from the classes its model card lists (a project's
+    own model is trained on its labels; a card without classes is assumed to fit, as the backend will say)."""
+    meta = served.metadata()
+    classes = meta.get("classes")
+    if served.project != DEFAULT_PROJECT or not classes:
+        return True
+    try:
+        select_output(
+            parse_label_config(label_config), str(meta.get("task", "detect")), dict(enumerate(classes))
+        )
+    except LabelConfigError:
+        return False
+    return True
+
+
 class _Scorer:
     """Scores tasks with the served model, or with cheap features in the cold start, in batches.
 
@@ -189,6 +205,8 @@ class _Scorer:
         self.fetcher = fetcher
         self.label_config = label_config
         self.served = ModelStore(settings.model_dir).served(project)
+        if self.served is not None and not _default_fits(self.served, label_config):
+            self.served = None  # a default model of other classes: nothing to score with, rank as cold start
         self.cold = self.served is None
         # The image a task is scored on (and cached by): the config's image field.
         self.control = _image_control(label_config)

@@ -95,11 +95,6 @@ def test_setup_answers_the_served_version(backend):
             '<View><Image name="i" value="$image"/><TextArea name="x" toName="i"/></View>',
             "no supported control",
         ),
-        (
-            '<View><Image name="i" value="$image"/><RectangleLabels name="l" toName="i"><Label value="Cat"/>'
-            "</RectangleLabels></View>",
-            "maps to a model class",
-        ),
         ("<View><Image name=", "not valid XML"),
     ],
 )
@@ -107,6 +102,33 @@ def test_setup_rejects_configs_it_cannot_serve(backend, schema, message):
     r = requests.post(backend.url + "/setup", json={"project": "1.170", "schema": schema}, timeout=5)
     assert r.status_code == 400
     assert message in r.json()["error"]
+
+
+CATS = (
+    '<View><Image name="i" value="$image"/><RectangleLabels name="l" toName="i"><Label value="Cat"/>'
+    "</RectangleLabels></View>"
+)
+CAT_POLYGONS = CATS.replace("RectangleLabels", "PolygonLabels")
+
+
+def test_labels_no_model_knows(backend, image_server):
+    """The default model for a project of other classes counts as no model (connect now, pre-labels come with
+    the project's first model); a project's own model that cannot fill its config is a 400 with the reason."""
+    r = requests.post(backend.url + "/setup", json={"project": "3.170", "schema": CATS}, timeout=5)
+    assert r.status_code == 200, r.text
+    assert r.json()["model_version"] == "no-model"
+    scene = image_server.write_scenes(1, seed=5)[0]
+    r = predict(backend, [{"id": 1, "data": {"image": f"{image_server.url}/{scene.name}"}}], CATS, "3.170")
+    assert r.status_code == 200
+    assert r.json()["results"] == [] and r.json()["model_version"] is None
+    assert "knows none of this project's labels" in r.json()["error"]
+    # Project 7 is served its own segmentation model, whose classes are shapes.
+    r = requests.post(backend.url + "/setup", json={"project": "7.170", "schema": CAT_POLYGONS}, timeout=5)
+    assert r.status_code == 400 and "maps to a model class" in r.json()["error"]
+    r = predict(
+        backend, [{"id": 1, "data": {"image": f"{image_server.url}/{scene.name}"}}], CAT_POLYGONS, "7.1"
+    )
+    assert r.status_code == 400 and "maps to a model class" in r.json()["error"]
 
 
 def test_predict_finds_the_shapes(backend, image_server):

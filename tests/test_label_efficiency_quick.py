@@ -67,10 +67,10 @@ def test_uncertainty_strategies_put_the_most_uncertain_image_first() -> None:
         assert order[1] == 5, (strategy, order)  # 0.7 is the next closest to a coin toss
 
 
-def test_default_strategy_picks_its_batch_among_the_most_uncertain() -> None:
-    # 40 images, 8 of them uncertain (0.45-0.55), the rest sure. With batch 2 the ranking's candidates are
-    # the top 4 x 2 = 8 by priority, so both k-center picks must be uncertain images; a ranking that
-    # ignored the scores would pick from all 40.
+def test_default_and_kcenter_strategies_pick_their_batch_among_the_most_uncertain() -> None:
+    # 40 images, 8 of them uncertain (0.45-0.55), the rest sure. With batch 2 the default takes the top 2 by
+    # priority, and kcenter picks among the top 4 x 2 = 8 by priority, so both picks must be uncertain
+    # images either way; a ranking that ignored the scores would pick from all 40.
     rng = np.random.default_rng(1)
     confs = [float(c) for c in rng.uniform(0.93, 0.99, size=40)]
     uncertain = [3, 7, 11, 19, 23, 29, 31, 37]
@@ -79,11 +79,17 @@ def test_default_strategy_picks_its_batch_among_the_most_uncertain() -> None:
     view, data = _view(confs)
     settings = al_sim.TrainConfig(64, 1, 1).settings(0)
     labeled = [0, 1]
-    order = al_sim.order_pool(
+    for strategy in ("default", "kcenter"):
+        order = al_sim.order_pool(
+            strategy, view, labeled, data, settings, batch=2, seed=0, rng=np.random.default_rng(0)
+        )
+        assert set(order.tolist()) == set(range(40)) - set(labeled)
+        assert set(order[:2].tolist()) <= set(uncertain), (strategy, order[:2])
+    # The default's first is the single most uncertain image (confidence nearest 0.5).
+    first = al_sim.order_pool(
         "default", view, labeled, data, settings, batch=2, seed=0, rng=np.random.default_rng(0)
     )
-    assert set(order.tolist()) == set(range(40)) - set(labeled)
-    assert set(order[:2].tolist()) <= set(uncertain), order[:2]
+    assert first[0] == min(uncertain, key=lambda i: abs(confs[i] - 0.5))
     rand = al_sim.order_pool(
         "random", None, labeled, data, settings, batch=2, seed=0, rng=np.random.default_rng(0)
     )

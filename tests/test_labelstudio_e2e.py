@@ -140,18 +140,41 @@ def test_bccd_images_through_the_same_path(label_studio, backend_for_ls):
             assert region["from_name"] == "cells"
 
 
-def test_backend_rejects_a_config_it_cannot_fill(label_studio, backend_for_ls):
+def test_a_project_of_other_classes_connects_to_the_default_model_but_not_to_a_wrong_own_model(
+    label_studio, backend_for_ls, starter_weights
+):
+    """Only the default (shapes) model is served: a cats project still connects (its first training will
+    start from those weights) and gets no pre-labels; a project whose *own* model cannot fill its config is
+    refused at connection, with the reason in our log (Label Studio shows only "400 ... /setup")."""
     ls = label_studio
     config = '<View><Image name="image" value="$image"/><RectangleLabels name="l" toName="image"><Label value="Cat"/></RectangleLabels></View>'
-    project = ls.create_project("annoloop cats", config)
+
+    def connect(project: int) -> requests.Response:
+        return requests.post(
+            f"{ls.url}/api/ml",
+            headers={"Authorization": f"Token {ls.token}"},
+            timeout=60,
+            json={"url": backend_for_ls.url, "project": project, "title": "annoloop", "auth_method": "NONE"},
+        )
+
+    cats = ls.create_project("annoloop cats", config)
+    r = connect(cats)
+    assert r.status_code == 201, r.text
     r = requests.post(
-        f"{ls.url}/api/ml",
-        headers={"Authorization": f"Token {ls.token}"},
-        timeout=30,
-        json={"url": backend_for_ls.url, "project": project, "title": "annoloop", "auth_method": "NONE"},
+        backend_for_ls.url + "/predict",
+        json={
+            "tasks": [{"id": 1, "data": {"image": "/nowhere.png"}}],
+            "project": f"{cats}.1",
+            "label_config": config,
+        },
+        timeout=60,
     )
-    assert r.status_code == 400
-    # Label Studio refuses the connection, but shows only "400 ... /setup"; the reason is in our log.
+    assert r.status_code == 200 and r.json()["results"] == [] and r.json()["model_version"] is None
+    assert "knows none of this project's labels" in r.json()["error"]
+
+    own = ls.create_project("annoloop cats with a shapes model of their own", config)
+    publish(backend_for_ls.log.parent / "models", starter_weights("detect"), "own-v1", project=str(own))
+    r = connect(own)
     assert r.status_code == 400 and "/setup" in r.text
     assert "maps to a model class" in backend_for_ls.log.read_text()
 

@@ -83,3 +83,26 @@ def test_duration_parsing():
     for bad in ("", "m", "ten minutes", "0s", "-5m"):
         with pytest.raises(argparse.ArgumentTypeError):
             _duration(bad)
+
+
+def test_a_default_model_of_other_classes_is_a_cold_start(tmp_path):
+    """The sync ranks a project as a cold start while only a default model that knows none of its labels is
+    served (its card lists the classes); a fitting default, a card without classes, or the project's own
+    model are used as they are."""
+    from annoloop.model_store import DEFAULT_PROJECT, ModelStore
+    from sync.job import _default_fits
+
+    store = ModelStore(tmp_path)
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"not read here")
+    cells = '<View><Image name="i" value="$image"/><RectangleLabels name="l" toName="i"><Label value="RBC"/><Label value="WBC"/></RectangleLabels></View>'
+    shapes = cells.replace('"RBC"', '"Circle"')
+    starter = store.publish(
+        DEFAULT_PROJECT, "s1", weights, {"task": "detect", "classes": ["circle", "square"]}
+    )
+    assert not _default_fits(starter, cells)
+    assert _default_fits(starter, shapes)  # one label maps (case-insensitively): usable
+    legacy = store.publish(DEFAULT_PROJECT, "s0", weights, {"task": "detect"})
+    assert _default_fits(legacy, cells)
+    own = store.publish("5", "v001", weights, {"task": "detect", "classes": ["circle", "square"]})
+    assert _default_fits(own, cells)
