@@ -84,6 +84,10 @@ def score_model(
     names = [str(n) for _, n in sorted(YOLO(str(weights)).names.items())]
     m50: dict[str, float | None] = {}
     m5095: dict[str, float | None] = {}
+    if not {b.label for im in images for b in im.boxes} & set(names):
+        # A model of other classes (the default model on a dataset of its own) finds nothing to score.
+        zero = {g: 0.0 for g in ("all", *groups)}
+        return TestScore(version, labels, zero, dict(zero))
     for group, keep in {"all": lambda _: True, **groups}.items():
         chosen = [im for im in images if keep(im)]
         if not chosen:

@@ -19,6 +19,13 @@ def test_scores_per_group_and_writes_the_curve(tmp_path, starter_weights):
     assert s.line().startswith(f"test mAP50 {s.map50['all']:.3f} (day ")
     assert not (tmp_path / "w" / "starter-all").exists()  # symlink folders cleaned up
 
+    # A model of other classes scores 0 without running a validation on labels it cannot have.
+    cells = [im for im in images[:3]]
+    for im in cells:
+        im.boxes = [type(b)("RBC", b.x0, b.y0, b.x1, b.y1) for b in im.boxes]
+    other = score_model(weights, "starter", 0, cells, {}, imgsz=128, workdir=tmp_path / "w2")
+    assert other.map50 == {"all": 0.0} and not (tmp_path / "w2").exists()
+
     later = TestScore(
         "v001", 20, {"all": 0.9, "day": 0.95, "night": None}, {"all": 0.6, "day": 0.7, "night": None}
     )
