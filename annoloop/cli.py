@@ -459,7 +459,15 @@ def cmd_connect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import signal
+
     from annoloop.demo import run_demo
+
+    # Ctrl-C, `kill` and a closed terminal all stop every process the demo started. SIGINT is set explicitly
+    # because a shell that starts the demo in the background (`make demo &`) hands it SIGINT ignored.
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
 
     return run_demo(args)
 
