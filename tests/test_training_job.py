@@ -199,7 +199,7 @@ class _Split:
 
 def test_small_training_splits_step_every_batch():
     """Below 64 images: about four batches an epoch and no accumulation (nbs = batch), so 16 images do not
-    get one optimizer step every four epochs; a big split and an explicit nbs are left alone."""
+    get one optimizer step every four epochs; a big split, and a config that sets nbs, are left alone."""
     t = TrainingSettings(batch=16)
     plan = plan_run(t, None, 0)
 
@@ -211,8 +211,8 @@ def test_small_training_splits_step_every_batch():
     assert (args(63)["batch"], args(63)["nbs"]) == (15, 15)
     assert args(64)["batch"] == 16 and "nbs" not in args(64)
     assert (args(200)["batch"], "nbs" in args(200)) == (16, False)
-    explicit = TrainingSettings(batch=16, train_args={"nbs": 8})
-    assert (args(16, explicit)["batch"], args(16, explicit)["nbs"]) == (4, 8)
+    explicit = TrainingSettings(batch=16, train_args={"nbs": 8})  # the user's own step arithmetic stays
+    assert (args(16, explicit)["batch"], args(16, explicit)["nbs"]) == (16, 8)
     assert args(40, TrainingSettings(batch=4))["batch"] == 4  # never above the configured batch
 
 

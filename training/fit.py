@@ -12,7 +12,7 @@ The candidate is the *last* epoch's weights, never a "best" checkpoint chosen on
 held-out tasks must not influence training in any way, selection included.
 
 Small projects (fewer training images than ultralytics' nominal batch, ``nbs`` 64) train with a smaller
-batch and without gradient accumulation: ultralytics steps the optimizer once per ``nbs`` images, across
+batch and without gradient accumulation (unless ``training.train_args`` sets ``nbs``): ultralytics steps the optimizer once per ``nbs`` images, across
 epochs, so 16 images in a batch of 16 would get one step every four epochs (the label-efficiency bench saw
 mAP50 0.05 after a base run on 20 images that way, 0.72 with batch 4 and no accumulation).
 """
@@ -77,11 +77,12 @@ def plan_run(settings: TrainingSettings, parent_weights: Path | None, own_versio
 def small_set_batch(settings: TrainingSettings, train_images: int | None) -> tuple[int, int | None]:
     """(batch, nbs) for a training split of ``train_images``: the configured batch and ultralytics' own
     ``nbs`` for a big split; for a small one about four batches an epoch and one optimizer step each
-    (``nbs`` = batch), unless ``training.train_args`` sets ``nbs`` itself."""
-    if train_images is None or train_images >= NOMINAL_BATCH:
+    (``nbs`` = batch). A ``training.train_args`` that sets ``nbs`` has taken the step arithmetic in hand:
+    then the configured batch stays too (a smaller batch under the same nbs would mean fewer steps)."""
+    if train_images is None or train_images >= NOMINAL_BATCH or "nbs" in settings.train_args:
         return settings.batch, None
     batch = min(settings.batch, max(2, train_images // 4))
-    return batch, None if "nbs" in settings.train_args else batch
+    return batch, batch
 
 
 def train_args(
