@@ -46,6 +46,9 @@ def test_import_predict_sync_label_retrain_promote_serve_resync(
         min_new_annotations=8,
         base_epochs=2,
         finetune_epochs=1,
+        # Which 8 tasks get labeled is the ranking's choice; at 0.2 none of them may fall on the held-out side
+        # (then nothing can be promoted, rightly). At 0.5 all 8 on one side has odds of 1 in 128.
+        holdout_fraction=0.5,
     )
     settings = Settings(
         label_studio={"url": ls.url, "api_key": ls.token},
