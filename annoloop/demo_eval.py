@@ -6,8 +6,9 @@ round. The demo knows the truth of a separate test set (the built-in set's extra
 ``test`` split, which is not imported), so it can show what a person would want to see: the same images, scored
 after every round, for the whole set and per group (the built-in set's day and night scenes).
 
-Scoring is ultralytics' own validation (``YOLO.val``) on a YOLO folder of symlinks written per model, with
-labels in that model's class order (a project's model and the default model may order classes differently).
+Scoring is ultralytics' own validation (``YOLO.val``) on the evaluation set the training job writes
+(``training.evaluate.write_eval_set``), per model, with labels in that model's class order (a project's model
+and the default model may order classes differently).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from annoloop.datasets import LabeledImage
+from training.dataset import LabeledImage as EvalImage
+from training.dataset import YoloBox
+from training.evaluate import write_eval_set
 
 Groups = Mapping[str, Callable[[LabeledImage], bool]]
 
@@ -42,27 +46,25 @@ class TestScore:
         return f"test mAP50 {self.map50['all']:.3f}{extra}"
 
 
-def _write_yolo(images: Sequence[LabeledImage], names: Sequence[str], root: Path) -> Path:
+def _eval_items(images: Sequence[LabeledImage], names: Sequence[str]) -> list[EvalImage]:
+    """The images as the evaluation code takes them: YOLO boxes indexed like ``names`` (the model's classes);
+    a box of a class the model does not know is left out and so counts as missed."""
     index = {n: i for i, n in enumerate(names)}
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
+    out = []
     for k, im in enumerate(images):
-        stem = f"{k:05d}"
-        os.symlink(im.path.resolve(), root / "images" / f"{stem}{im.path.suffix.lower()}")
-        lines = []
-        for b in im.boxes:
-            if b.label not in index:  # a class the model does not know: it counts as missed
-                continue
-            cx, cy = (b.x0 + b.x1) / 2 / im.width, (b.y0 + b.y1) / 2 / im.height
-            w, h = (b.x1 - b.x0) / im.width, (b.y1 - b.y0) / im.height
-            lines.append(f"{index[b.label]} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
-        (root / "labels" / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
-    data = root / "data.yaml"
-    data.write_text(
-        f"path: {root}\ntrain: images\nval: images\nnames:\n"
-        + "".join(f"  {i}: {n!r}\n" for i, n in enumerate(names))
-    )
-    return data
+        boxes = tuple(
+            YoloBox(
+                index[b.label],
+                (b.x0 + b.x1) / 2 / im.width,
+                (b.y0 + b.y1) / 2 / im.height,
+                (b.x1 - b.x0) / im.width,
+                (b.y1 - b.y0) / im.height,
+            )
+            for b in im.boxes
+            if b.label in index
+        )
+        out.append(EvalImage(k, im.path.resolve(), im.width, im.height, boxes))
+    return out
 
 
 def score_model(
@@ -95,7 +97,12 @@ def score_model(
             continue
         root = workdir / f"{version}-{group}"
         shutil.rmtree(root, ignore_errors=True)
-        data = _write_yolo(chosen, names, root / "data")
+        data = write_eval_set(
+            _eval_items(chosen, names),
+            {i: i for i in range(len(names))},
+            dict(enumerate(names)),
+            root / "data",
+        )
         model = YOLO(str(weights))  # a fresh model per val: val() keeps state between calls
         level = LOGGER.level
         LOGGER.setLevel(logging.WARNING)  # val() logs its table and speeds; the demo prints one line instead

@@ -87,12 +87,6 @@ class PredictService:
     def model_for(self, project: str) -> LoadedModel | None:
         return self.registry.holder(project).get() if self.registry is not None else None
 
-    def output_spec(self, label_config: str, model: LoadedModel) -> OutputSpec:
-        try:
-            return select_output(parse_label_config(label_config), model.task, model.names)
-        except LabelConfigError as e:
-            raise BadRequest(str(e)) from None
-
     def predict_images(
         self,
         model: LoadedModel,

@@ -92,6 +92,16 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
 # --- Models ------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def private_redis(tmp_path) -> Iterator[str]:
+    """A redis-server of the test's own: what its worker leaves behind (keys, jobs, a dead worker's state)
+    stays in it and cannot reach another test's worker."""
+    proc, url = start_redis(tmp_path)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
 @pytest.fixture(scope="session")
 def starter_weights() -> Callable[[str], Path]:
     """Weights of a tiny model trained from the ultralytics YAML on generated shapes, per task."""

@@ -554,17 +554,6 @@ def stop_worker(proc: subprocess.Popen) -> None:
             proc.wait(30)
 
 
-@pytest.fixture
-def private_redis(tmp_path):
-    """A redis-server of the test's own: no job it leaves behind can reach another test's worker."""
-    from tests.conftest import start_redis
-
-    proc, url = start_redis(tmp_path)
-    yield url
-    proc.terminate()
-    proc.wait(10)
-
-
 @pytest.mark.labelstudio
 def test_a_job_that_cannot_succeed_fails_at_once_and_an_outage_is_retried(
     label_studio, shapes_project, tmp_path, private_redis

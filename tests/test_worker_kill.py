@@ -24,7 +24,7 @@ import yaml
 from rq.job import Job
 
 from annoloop.model_store import DEFAULT_PROJECT, REJECTED_DIR, ModelStore
-from tests.conftest import gt_result, publish, shapes_project, start_redis
+from tests.conftest import gt_result, publish, shapes_project
 from training.convergence import history_path, read_history
 from training.trigger import project_state
 
@@ -97,15 +97,6 @@ def wait_for(what: str, check, timeout: float, logs: list[Path], poll: float = 0
         time.sleep(poll)
     tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
     raise AssertionError(f"timed out waiting for {what}\n{tails}")
-
-
-@pytest.fixture
-def private_redis(tmp_path):
-    """A redis-server of the test's own: the dead worker's keys and jobs stay in it."""
-    proc, url = start_redis(tmp_path)
-    yield url
-    proc.terminate()
-    proc.wait(10)
 
 
 @pytest.mark.labelstudio

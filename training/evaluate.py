@@ -230,7 +230,7 @@ def _gt_arrays(boxes: Sequence[YoloBox]) -> tuple[np.ndarray, np.ndarray]:
     return xyxy, np.array([b.cls for b in boxes], dtype=int)
 
 
-def _write_eval_set(
+def write_eval_set(
     items: Sequence[LabeledImage], mapping: dict[int, int], model_names: Mapping[int, str], root: Path
 ) -> Path:
     """A val-only YOLO dataset of ``items`` (the held-out images) with labels in the model's class indices.
@@ -318,7 +318,7 @@ def evaluate_model(
     ap: dict[int, float] = {}
     raw: dict[str, float] = {}
     if any(item.boxes for item in items):
-        data_yaml = _write_eval_set(items, mapping, names, workdir / "data")
+        data_yaml = write_eval_set(items, mapping, names, workdir / "data")
         metrics = model.val(
             data=str(data_yaml),
             split="val",
